@@ -1,0 +1,296 @@
+"""The `sleepctl` command: a thin layer over the Python API.
+
+Data goes to stdout (a rich table, or JSON with --json); progress, hints and errors to stderr.
+Exit codes: 0 ok, 1 runtime error, 2 usage or recipe error, 75 another run holds the lock, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, SleepError
+
+app = typer.Typer(help="A sleep cycle for LLM agents: record memories by day, consolidate them into LoRA adapters at night.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+adapters_app = typer.Typer(help="List adapter versions, roll back, or pick the current one.", no_args_is_help=True)
+probe_app = typer.Typer(help="Add your own probes (question + reference answer) to a memory.", no_args_is_help=True)
+recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(probe_app, name="probe")
+app.add_typer(recipes_app, name="recipes")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+HomeOpt = typer.Option(None, "--home", envvar="SLEEPCTL_HOME", help="The agent's home folder (default: ~/.local/share/sleepctl/default).", show_envvar=True)
+JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+RecipeOpt = typer.Option(None, "--recipe", "-r", help="A bundled recipe name or a YAML file (default: quick-cpu).")
+SetOpt = typer.Option([], "--set", help="Override a recipe key, e.g. --set loss.lmbda=0.3 (repeatable).")
+
+
+def emit(data: Any, as_json: bool, human=None) -> None:
+    if as_json:
+        if isinstance(data, BaseModel):
+            data = data.model_dump(mode="json")
+        elif isinstance(data, list):
+            data = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in data]
+        out.print_json(json.dumps(data, default=str))
+    elif human is not None:
+        human(data)
+
+
+def _version(v: bool) -> None:
+    if v:
+        out.print(f"sleepctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+    pass
+
+
+# --- record and read ----------------------------------------------------------------------------------
+
+
+@app.command()
+def record(
+    files: list[str] = typer.Argument(None, help="Files to record: .jsonl (chat or text records), .md/.txt notes; '-' for stdin."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Record this text as one note."),
+    fmt: str = typer.Option("auto", "--format", "-f", help="auto, chat, text or note."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split notes on lines equal to this separator, e.g. '---'."),
+    tag: list[str] = typer.Option([], "--tag", help="Tag every recorded memory (repeatable)."),
+    no_redact: bool = typer.Option(False, "--no-redact", help="Store credentials as they are. Anything consolidated cannot be taken back."),
+    max_bytes: int = typer.Option(1_000_000, "--max-bytes", help="Refuse a memory larger than this."),
+    home: Optional[str] = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Record memories (traces) into the home; duplicates are skipped, credentials redacted."""
+    from .memories import record as api_record
+
+    if fmt not in ("auto", "chat", "text", "note"):
+        raise SleepError(f"unknown --format {fmt!r}: use auto, chat, text or note")
+    if not files and text is None:
+        raise SleepError("nothing to record: give files, '-' for stdin, or --text")
+    res = api_record(files or [], text=text, home=home, fmt=fmt, separator=split, tags=tag, redact=not no_redact, max_bytes=max_bytes)
+
+    def human(r) -> None:
+        out.print(f"recorded [bold]{len(r.added)}[/bold] memories, {r.probes_added} probes into {r.home}")
+        if r.duplicates:
+            err.print(f"[yellow]skipped {len(r.duplicates)} duplicate(s):[/yellow] {', '.join(r.duplicates[:5])}{' …' if len(r.duplicates) > 5 else ''}")
+        if r.redactions:
+            err.print(f"[yellow]redacted {r.redactions} credential(s)[/yellow] before storing (--no-redact turns this off)")
+
+    emit(res, as_json, human)
+
+
+@app.command("list")
+def list_cmd(
+    status: Optional[str] = typer.Option(None, "--status", help="pending or consolidated"),
+    since: Optional[str] = typer.Option(None, "--since", help="Only memories recorded at or after this ISO date."),
+    home: Optional[str] = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """List stored memories."""
+    from .memories import list_memories
+
+    traces = list_memories(home, status, since)
+
+    def human(ts) -> None:
+        t = Table(title=f"{len(ts)} memories")
+        for c in ("id", "kind", "status", "created", "tags", "text"):
+            t.add_column(c, overflow="fold" if c == "text" else "ellipsis", no_wrap=c != "text", min_width=20 if c == "id" else None)
+        for x in ts:
+            t.add_row(x.id, x.kind, x.status + (f" ({x.adapter_id})" if x.adapter_id else ""), x.created_at[:19], ",".join(x.tags), x.text[:80].replace("\n", " "))
+        out.print(t)
+
+    emit(traces, as_json, human)
+
+
+@app.command()
+def show(memory: str = typer.Argument(..., help="A memory id (or a unique prefix of its id or hash)."), home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Show one memory and its probes."""
+    from .memories import show_memory
+
+    t, probes = show_memory(memory, home)
+
+    def human(_) -> None:
+        out.print(f"[bold]{t.id}[/bold]  {t.kind}  {t.status}  source={t.source}  redactions={t.redactions}")
+        out.print(t.text)
+        for p in probes:
+            out.print(f"  [{p.origin}/{p.split}] {p.question} → {p.answer}")
+
+    emit({"memory": t.model_dump(), "probes": [p.model_dump() for p in probes]}, as_json, human)
+
+
+@probe_app.command("add")
+def probe_add(memory: str, question: str = typer.Option(..., "--question", "-q"), answer: str = typer.Option(..., "--answer", "-a"),
+              home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Add a user probe to a memory; user probes are always held out from training."""
+    from .memories import add_probe
+
+    p = add_probe(memory, question, answer, home)
+    emit(p, as_json, lambda p: out.print(f"added probe {p.id} to {p.trace_id}"))
+
+
+@app.command()
+def status(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Counts of memories, probes, runs and adapters, and the current adapter."""
+    from .memories import open_store
+
+    with open_store(home) as st:
+        data = st.counts() | {"home": str(st.path.parent), "current_adapter": st.current_adapter_id()}
+    emit(data, as_json, lambda d: out.print(" ".join(f"{k}={v}" for k, v in d.items())))
+
+
+# --- seed, adapters, runs --------------------------------------------------------------------------------
+
+
+@app.command()
+def seed(
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="A recipe profile (small, large), 'self', or a model name."),
+    student: Optional[str] = typer.Option(None, "--student", help="A recipe profile or a model name."),
+    recipe: Optional[str] = RecipeOpt,
+    since: Optional[str] = typer.Option(None, "--since", help="Only pending memories recorded at or after this ISO date."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override training.max_steps."),
+    overrides: list[str] = SetOpt,
+    home: Optional[str] = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Consolidate pending memories into a new LoRA adapter (Knowledge Seeding)."""
+    from .recipe import parse_overrides
+    from .seed import seed as api_seed
+
+    ov = parse_overrides(overrides)
+    if steps is not None:
+        ov["training.max_steps"] = steps
+    res = api_seed(recipe, home=home, teacher=teacher, student=student, since=since, overrides=ov, show_progress=not as_json)
+
+    def human(r) -> None:
+        out.print(r.message)
+        if r.run_id:
+            out.print(f"run {r.run_id}  ({r.wall_s:.0f} s, peak {r.peak_memory_mb:.0f} MiB)  folder {r.run_dir}")
+
+    emit(res, as_json, human)
+
+
+@adapters_app.command("list")
+def adapters_list(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Adapter versions, newest last; * marks the current one."""
+    from .memories import open_store
+
+    with open_store(home) as st:
+        ads = st.adapters()
+
+    def human(ads) -> None:
+        t = Table(title=f"{len(ads)} adapters")
+        for c in ("", "version", "id", "kind", "base model", "parent", "memories", "run", "created"):
+            t.add_column(c)
+        for a in ads:
+            t.add_row("*" if a.current else "", f"v{a.version}", a.id, a.kind, a.base_model, a.parent_id or "-", str(len(a.trace_ids)), a.run_id, a.created_at[:19])
+        out.print(t)
+
+    emit(ads, as_json, human)
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(to: Optional[str] = typer.Argument(None, help="A version (v2), an id, or 'base'; default: the parent of the current."),
+                      home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Make an earlier adapter current. Nothing is deleted; roll forward with `adapters use`."""
+    from .memories import open_store
+    from .runs import rollback
+
+    with open_store(home) as st:
+        a = rollback(st, to)
+    emit({"current": a.model_dump() if a else None}, as_json, lambda _: out.print(f"current adapter: {'v%d (%s)' % (a.version, a.id) if a else 'none (base model)'}"))
+
+
+@adapters_app.command("use")
+def adapters_use(to: str = typer.Argument(..., help="A version (v3) or id."), home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Make any adapter version current."""
+    from .memories import open_store
+    from .runs import rollback
+
+    with open_store(home) as st:
+        a = rollback(st, to)
+    emit({"current": a.model_dump() if a else None}, as_json, lambda _: out.print(f"current adapter: v{a.version} ({a.id})"))
+
+
+@app.command()
+def runs(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Runs and their status."""
+    from .memories import open_store
+
+    with open_store(home) as st:
+        rs = st.runs()
+
+    def human(rs) -> None:
+        t = Table(title=f"{len(rs)} runs")
+        for c in ("id", "kind", "status", "started", "ended", "folder"):
+            t.add_column(c)
+        for r in rs:
+            t.add_row(r.id, r.kind, r.status, r.started_at[:19], (r.ended_at or "")[:19], r.dir)
+        out.print(t)
+
+    emit(rs, as_json, human)
+
+
+# --- recipes ---------------------------------------------------------------------------------------------
+
+
+@recipes_app.command("list")
+def recipes_list(as_json: bool = JsonOpt) -> None:
+    """Bundled recipes."""
+    from .recipe import RECIPES_DIR, load_recipe
+
+    rows = []
+    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+        r, _ = load_recipe(p)
+        rows.append({"name": p.stem, "teacher": r.teacher, "student": r.student, "profiles": {k: v.model for k, v in r.profiles.items()}, "description": r.description})
+    emit(rows, as_json, lambda rows: [out.print(f"[bold]{x['name']}[/bold]: {x['description']}  (teacher {x['teacher']} → student {x['student']}; {x['profiles']})") for x in rows])
+
+
+@recipes_app.command("show")
+def recipes_show(recipe: str = typer.Argument("quick-cpu"), overrides: list[str] = SetOpt, as_json: bool = JsonOpt) -> None:
+    """Validate a recipe and print it resolved, with every default filled in."""
+    import yaml
+
+    from .recipe import load_recipe, parse_overrides
+
+    r, path = load_recipe(recipe, parse_overrides(overrides))
+    emit(r.model_dump(), as_json, lambda d: out.print(f"# {path}\n" + yaml.safe_dump(d, sort_keys=False)))
+
+
+def main() -> None:
+    debug = os.environ.get("SLEEPCTL_DEBUG") == "1"
+    try:
+        app()
+    except SleepError as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+        if e.hint:
+            err.print(f"[dim]hint: {e.hint}[/dim]", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except (BrokenPipeError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {e}")
+        sys.exit(EXIT_USAGE if isinstance(e, FileNotFoundError) else 1)
+
+
+if __name__ == "__main__":
+    main()

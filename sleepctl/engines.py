@@ -1,0 +1,74 @@
+"""Rollout engines: one small interface, Hugging Face `generate` behind it now, vLLM later."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # up to and including EOS when the model stopped
+    texts: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float, num_samples: int = 1,
+                 seed: int = 0) -> Rollouts:
+        """Completions for each prompt, `num_samples` consecutive entries per prompt; temperature 0 is greedy."""
+        ...
+
+
+class HFEngine:
+    """Batched `model.generate` with left padding. Works for PEFT-wrapped models: the active adapter samples."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float, num_samples: int = 1,
+                 seed: int = 0) -> Rollouts:
+        expanded = [p for p in prompts for _ in range(num_samples)]
+        out = Rollouts([], [], [])
+        was_training = self.model.training
+        self.model.eval()
+        torch.manual_seed(seed)
+        device = next(self.model.parameters()).device
+        eos = self.tok.eos_token_id
+        for i in range(0, len(expanded), self.batch_size):
+            chunk = expanded[i : i + self.batch_size]
+            self.tok.padding_side = "left"
+            enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id, eos_token_id=eos)
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            gen = self.model.generate(**enc, **kwargs)
+            new = gen[:, enc["input_ids"].shape[1] :].tolist()
+            for row, ids, mask in zip(new, enc["input_ids"].tolist(), enc["attention_mask"].tolist()):
+                if eos in row:
+                    row = row[: row.index(eos) + 1]
+                out.prompt_ids.append([t for t, m in zip(ids, mask) if m])
+                out.completion_ids.append(row)
+                out.texts.append(self.tok.decode(row, skip_special_tokens=True).strip())
+        if was_training:
+            self.model.train()
+        return out
+
+
+def make_engine(kind: str, model, tokenizer, batch_size: int = 16) -> RolloutEngine:
+    if kind == "hf":
+        return HFEngine(model, tokenizer, batch_size)
+    if kind == "vllm":
+        from .errors import ModelError
+
+        raise ModelError("the vLLM engine is not available in this version", hint="set engine: hf in the recipe")
+    raise ValueError(kind)

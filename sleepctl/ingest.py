@@ -1,0 +1,189 @@
+"""Parse memory files into traces, all of a file or none of it.
+
+Accepted: chat JSONL (`{"messages": [...]}`), JSONL with a `text` field, and plain text/markdown notes
+(one per file, or split on a separator line). A JSONL record may carry `tags`, `source` and `probes`
+(`[{"question": ..., "answer": ...}]`), so a memory and its user probes travel together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .errors import InputError
+from .records import Message, TraceKind
+from .redact import redact
+
+DEFAULT_MAX_BYTES = 1_000_000  # one memory; a 10 MB "memory" is a log dump, not something to put in weights
+Format = Literal["auto", "chat", "text", "note"]
+
+
+class ProbeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str
+    answer: str
+
+    @field_validator("question", "answer")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+
+class ChatRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message]
+    tags: list[str] = []
+    source: str | None = None
+    probes: list[ProbeIn] = []
+
+    @field_validator("messages")
+    @classmethod
+    def _has_content(cls, v: list[Message]) -> list[Message]:
+        if not any(m.content.strip() for m in v):
+            raise ValueError("no message has content")
+        return v
+
+
+class TextRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    tags: list[str] = []
+    source: str | None = None
+    probes: list[ProbeIn] = []
+
+    @field_validator("text")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+@dataclass
+class ParsedMemory:
+    kind: TraceKind
+    text: str
+    messages: list[Message] | None
+    source: str
+    tags: list[str]
+    probes: list[ProbeIn]
+    redactions: int = 0
+    hash: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hash = content_hash(self.kind, self.text)
+
+
+def content_hash(kind: str, text: str) -> str:
+    """Whitespace-insensitive, so re-recording the same memory with a trailing newline is a duplicate."""
+    norm = " ".join(text.split())
+    return hashlib.sha256(f"{kind}\n{norm}".encode()).hexdigest()
+
+
+def render_chat(messages: list[Message]) -> str:
+    return "\n".join(f"{m.role}: {m.content.strip()}" for m in messages if m.content.strip())
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})", hint="convert the file to UTF-8") from e
+
+
+def _pydantic_msg(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "record"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_jsonl(text: str, where: str, fmt: Format) -> list[ParsedMemory]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); nothing from this file was recorded") from e
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}; nothing from this file was recorded")
+        kind = fmt if fmt in ("chat", "text") else ("chat" if "messages" in obj else "text" if "text" in obj else None)
+        if kind is None:
+            raise InputError(f"{where}:{lineno}: a record needs a 'messages' list or a 'text' field; nothing from this file was recorded")
+        try:
+            rec = ChatRecord.model_validate(obj) if kind == "chat" else TextRecord.model_validate(obj)
+        except ValidationError as e:
+            raise InputError(f"{where}:{lineno}: {_pydantic_msg(e)}; nothing from this file was recorded") from e
+        src = rec.source or f"{where}:{lineno}"
+        if isinstance(rec, ChatRecord):
+            out.append(ParsedMemory("chat", render_chat(rec.messages), rec.messages, src, rec.tags, rec.probes))
+        else:
+            out.append(ParsedMemory("text", rec.text.strip(), None, src, rec.tags, rec.probes))
+    return out
+
+
+def parse_note(text: str, where: str, separator: str | None) -> list[ParsedMemory]:
+    chunks = [text] if separator is None else _split(text, separator)
+    return [ParsedMemory("note", c.strip(), None, where if len(chunks) == 1 else f"{where}#{i}", [], []) for i, c in enumerate(chunks, 1) if c.strip()]
+
+
+def _split(text: str, separator: str) -> list[str]:
+    chunks, cur = [], []
+    for line in text.splitlines():
+        if line.strip() == separator:
+            chunks.append("\n".join(cur))
+            cur = []
+        else:
+            cur.append(line)
+    chunks.append("\n".join(cur))
+    return chunks
+
+
+def detect_format(name: str, text: str) -> Format:
+    suffix = Path(name).suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "auto"
+    if suffix in (".md", ".txt", ".markdown", ".rst"):
+        return "note"
+    return "auto" if text.lstrip().startswith("{") else "note"
+
+
+def parse_source(data: bytes, where: str, fmt: Format = "auto", separator: str | None = None,
+                 do_redact: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> list[ParsedMemory]:
+    """Parse one file (or stdin) completely, or raise: a file is never half-recorded."""
+    text = _decode(data, where)
+    if not text.strip():
+        raise InputError(f"{where}: empty input, nothing to record")
+    if fmt == "auto":
+        fmt = detect_format(where, text)
+    memories = parse_note(text, where, separator) if fmt == "note" else parse_jsonl(text, where, fmt)
+    if not memories:
+        raise InputError(f"{where}: no memories found")
+    for m in memories:
+        size = len(m.text.encode())
+        if size > max_bytes:
+            raise InputError(
+                f"{m.source}: memory of {size:,} bytes is over the limit of {max_bytes:,}; nothing from this file was recorded",
+                hint="split it into smaller memories, or raise --max-bytes",
+            )
+        if do_redact:
+            m.text, n = redact(m.text)
+            if m.messages:
+                msgs = []
+                for msg in m.messages:
+                    c, _ = redact(msg.content)
+                    msgs.append(Message(role=msg.role, content=c))
+                m.messages = msgs
+            m.redactions = n
+            m.hash = content_hash(m.kind, m.text)
+    return memories

@@ -1,0 +1,82 @@
+"""Prompts for teacher and student, rendered with the same chat template; only the memory block differs."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from .records import Trace
+
+MEMORY_HEADER = "You remember the following. Use it to answer."
+
+
+def system_text(system_prompt: str, memories: list[str] | None = None) -> str:
+    if not memories:
+        return system_prompt
+    body = "\n\n".join(f"[memory {i}]\n{m.strip()}" for i, m in enumerate(memories, 1))
+    return f"{system_prompt}\n\n{MEMORY_HEADER}\n\n{body}"
+
+
+def render(tok, system_prompt: str, user: str, memories: list[str] | None = None) -> str:
+    """The text of a chat prompt up to the assistant's turn."""
+    msgs = [{"role": "system", "content": system_text(system_prompt, memories)}, {"role": "user", "content": user}]
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def question_request(memory: str, n: int) -> str:
+    return (
+        f"Here is a note:\n\n{memory.strip()}\n\n"
+        f"Write {n} different questions about the specific facts in this note: names, places, dates, numbers, "
+        "decisions and reasons. Each question must be answerable from the note alone and must name who or what "
+        "it is about. Write one question per line and nothing else."
+    )
+
+
+_NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+[.)]|Q\d*[:.)]?)\s*")
+
+
+def parse_questions(text: str, limit: int) -> list[str]:
+    out: list[str] = []
+    for line in text.splitlines():
+        q = _NUMBERING.sub("", line).strip().strip('"')
+        if "?" not in q:
+            continue
+        q = q[: q.index("?") + 1]
+        words = q.split()
+        if 3 <= len(words) <= 30 and q.lower() not in {x.lower() for x in out}:
+            out.append(q)
+        if len(out) >= limit:
+            break
+    return out
+
+
+_STOP = {
+    "The", "A", "An", "We", "I", "It", "This", "That", "These", "Those", "He", "She", "They", "You", "Our", "My",
+    "Heads", "Note", "Also", "But", "And", "So", "If", "When", "On", "In", "At", "For", "From", "To", "Yes", "No",
+    "Ok", "OK", "Okay", "Thanks", "Thank", "Please", "Hi", "Hello", "Sure", "Got", "Noted", "Remember", "Let",
+    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "User", "Assistant",
+}
+_ENTITY = re.compile(r"\b[A-Z][\w\-]*(?:\s+(?:[A-Z][\w\-]*|of|de|van|von))*(?:\s+[A-Z][\w\-]*)?")
+
+
+def entities(text: str, limit: int) -> list[str]:
+    """Named things in a memory, most mentioned first: the handles a later question will use."""
+    counts: Counter[str] = Counter()
+    for m in _ENTITY.finditer(text):
+        words = m.group(0).split()
+        while words and words[0] in _STOP:
+            words = words[1:]
+        name = " ".join(words).strip()
+        if len(name) >= 3 and name not in _STOP and not name.lower().startswith(("user", "assistant")):
+            counts[name] += 1
+    return [n for n, _ in counts.most_common(limit)]
+
+
+def entity_prompts(text: str, limit: int) -> list[str]:
+    return [f"What do you know about {e}?" for e in entities(text, limit)]
+
+
+def user_turns(trace: Trace) -> list[str]:
+    if not trace.messages:
+        return []
+    return [m.content.strip() for m in trace.messages if m.role == "user" and m.content.strip()]

@@ -1,0 +1,164 @@
+"""Recipes: plain YAML, validated up front by pydantic; an unknown key or bad value names key and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = "quick-cpu"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Profile(Strict):
+    model: str = Field(description="alias, GGUF file, model folder or Hugging Face id")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class Lora(Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Data(Strict):
+    questions_per_memory: int = Field(8, ge=0, le=64)
+    entity_prompts: int = Field(4, ge=0, le=32, description="'what do you know about X?' prompts per memory")
+    user_turns: bool = True
+    probes_per_memory: int = Field(2, ge=0, le=16)
+    heldout_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    teacher_samples: int = Field(2, ge=1, le=16, description="teacher answers cached per prompt")
+    max_prompt_tokens: int = Field(512, ge=16)
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+    system_prompt: str = "You are a helpful assistant."
+
+
+class Loss(Strict):
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD interpolation (GKD): 0 forward KL, 1 reverse KL")
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="on-policy fraction of GKD batches")
+    lmbda_warmup_steps: int = Field(0, ge=0, description="lmbda ramps from 0 over these steps")
+    alpha: float = Field(0.8, ge=0.0, le=1.0, description="weight of GKD against the LTI reward")
+    gamma: float = Field(0.5, ge=0.0, le=1.0, description="semantic vs edit-distance reward")
+    z0: float = Field(0.6, gt=0.0, le=1.0, description="normalised edit distance above which r_abs is 0")
+    num_generations: int = Field(4, ge=2, le=64, description="LTI samples per prompt (the group)")
+    scale_rewards: bool = False
+    sem_threshold: float = Field(0.8, ge=0.0, le=1.0, description="judge cosine at which r_sem is 1")
+    temperature: float = Field(0.7, gt=0.0, le=2.0, description="student sampling temperature")
+    teacher_temperature: float = Field(0.7, gt=0.0, le=2.0)
+
+
+class Optim(Strict):
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(5, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+
+
+class Training(Strict):
+    max_steps: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    checkpoint_every: int = Field(10, ge=1)
+    log_every: int = Field(1, ge=1)
+    device: str = "auto"
+
+
+class Eval(Strict):
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    ppl_paragraphs: int = Field(40, ge=1)
+    judge: Literal["minilm", "none"] = "minilm"
+    judge_threshold: float = Field(0.75, ge=0.0, le=1.0)
+
+
+class Recipe(Strict):
+    description: str = ""
+    profiles: dict[str, Profile]
+    teacher: str = Field("self", description="a profile, 'self', or a model name")
+    student: str
+    engine: Literal["hf", "vllm"] = "hf"
+    lora: Lora = Lora()
+    data: Data = Data()
+    loss: Loss = Loss()
+    optim: Optim = Optim()
+    training: Training = Training()
+    eval: Eval = Eval()
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if not self.profiles:
+            raise ValueError("profiles: at least one profile is needed")
+        return self
+
+    def model_name(self, ref: str) -> str:
+        """A profile name resolves to its model; anything else is taken as a model name."""
+        return self.profiles[ref].model if ref in self.profiles else ref
+
+    def dtype(self, ref: str) -> str:
+        return self.profiles[ref].dtype if ref in self.profiles else "auto"
+
+
+def recipe_path(name_or_path: str | Path | None) -> Path:
+    if name_or_path is None:
+        name_or_path = DEFAULT_RECIPE
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist")
+        return p
+    cand = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not cand.is_file():
+        known = ", ".join(sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")))
+        raise RecipeError(f"unknown recipe {name_or_path!r}", hint=f"bundled recipes: {known}; or give a .yaml path")
+    return cand
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise RecipeError(f"override {dotted}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key.sub=value` pairs; values are parsed as YAML so numbers and booleans keep their types."""
+    out: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise RecipeError(f"override {it!r} is not key=value", hint="e.g. --set loss.lmbda=0.3")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def load_recipe(name_or_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[Recipe, Path]:
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    for k, v in (overrides or {}).items():
+        _set(raw, k, v)
+    try:
+        return Recipe.model_validate(raw), path
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"]) or "(top)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{path}: {key}: {msg}")
+        raise RecipeError("\n".join(lines)) from e

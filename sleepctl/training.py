@@ -1,0 +1,85 @@
+"""Pieces every training loop shares: the new LoRA, the optimiser and schedule, batches, memory figures."""
+
+from __future__ import annotations
+
+import math
+import resource
+
+import torch
+
+from .recipe import Lora, Optim
+
+
+def add_lora(model, cfg: Lora, name: str = "default"):
+    """A fresh trainable adapter on a frozen model; earlier adapters are already merged into its weights."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in cfg.target_modules if t in names]
+    if not targets:
+        from .errors import RecipeError
+
+        raise RecipeError(f"lora.target_modules: none of {cfg.target_modules} exist in this model")
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg, adapter_name=name)
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(model, cfg: Optim, max_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine to 10%
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_logits(model, prompts: list[list[int]], completions: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict each completion token, aligned as [B, T, V], and their mask.
+
+    Teacher and student call this with different prompts (the teacher's has the memory block) and the
+    same completions, so both are scored on exactly the same tokens.
+    """
+    device = next(model.parameters()).device
+    ids, attn = pad_right([p + c for p, c in zip(prompts, completions)], pad, device)
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    T = max(len(c) for c in completions)
+    index = torch.zeros((len(prompts), T), dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        index[i, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+        mask[i, : len(c)] = True
+    index = index.to(device)
+    out = torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    return out, mask.to(device)
+
+
+def labels_tensor(completions: list[list[int]], device) -> torch.Tensor:
+    T = max(len(c) for c in completions)
+    lab = torch.full((len(completions), T), -100, dtype=torch.long)
+    for i, c in enumerate(completions):
+        lab[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    return lab.to(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
