@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from pydantic import BaseModel
@@ -18,10 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, SleepError
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, SleepError, UsageError
 
-app = typer.Typer(help="A sleep cycle for LLM agents: record memories by day, consolidate them into LoRA adapters at night.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="A sleep cycle for LLM agents: record memories by day, consolidate them into LoRA adapters at night.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 adapters_app = typer.Typer(help="List adapter versions, roll back, or pick the current one.", no_args_is_help=True)
 probe_app = typer.Typer(help="Add your own probes (question + reference answer) to a memory.", no_args_is_help=True)
 recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
@@ -32,7 +35,13 @@ app.add_typer(recipes_app, name="recipes")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-HomeOpt = typer.Option(None, "--home", envvar="SLEEPCTL_HOME", help="The agent's home folder (default: ~/.local/share/sleepctl/default).", show_envvar=True)
+HomeOpt = typer.Option(
+    None,
+    "--home",
+    envvar="SLEEPCTL_HOME",
+    help="The agent's home folder (default: ~/.local/share/sleepctl/default).",
+    show_envvar=True,
+)
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="A bundled recipe name or a YAML file (default: quick-cpu).")
 SetOpt = typer.Option([], "--set", help="Override a recipe key, e.g. --set loss.lmbda=0.3 (repeatable).")
@@ -56,7 +65,9 @@ def _version(v: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
     pass
 
 
@@ -65,40 +76,50 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @app.command()
 def record(
-    files: list[str] = typer.Argument(None, help="Files to record: .jsonl (chat or text records), .md/.txt notes; '-' for stdin."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="Record this text as one note."),
+    files: list[str] = typer.Argument(
+        None, help="Files to record: .jsonl (chat or text records), .md/.txt notes; '-' for stdin."
+    ),
+    text: str | None = typer.Option(None, "--text", "-t", help="Record this text as one note."),
     fmt: str = typer.Option("auto", "--format", "-f", help="auto, chat, text or note."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split notes on lines equal to this separator, e.g. '---'."),
+    split: str | None = typer.Option(None, "--split", help="Split notes on lines equal to this separator, e.g. '---'."),
     tag: list[str] = typer.Option([], "--tag", help="Tag every recorded memory (repeatable)."),
-    no_redact: bool = typer.Option(False, "--no-redact", help="Store credentials as they are. Anything consolidated cannot be taken back."),
+    no_redact: bool = typer.Option(
+        False, "--no-redact", help="Store credentials as they are. Anything consolidated cannot be taken back."
+    ),
     max_bytes: int = typer.Option(1_000_000, "--max-bytes", help="Refuse a memory larger than this."),
-    home: Optional[str] = HomeOpt,
+    home: str | None = HomeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Record memories (traces) into the home; duplicates are skipped, credentials redacted."""
     from .memories import record as api_record
 
     if fmt not in ("auto", "chat", "text", "note"):
-        raise SleepError(f"unknown --format {fmt!r}: use auto, chat, text or note")
+        raise UsageError(f"unknown --format {fmt!r}: use auto, chat, text or note")
     if not files and text is None:
-        raise SleepError("nothing to record: give files, '-' for stdin, or --text")
-    res = api_record(files or [], text=text, home=home, fmt=fmt, separator=split, tags=tag, redact=not no_redact, max_bytes=max_bytes)
+        raise UsageError("nothing to record: give files, '-' for stdin, or --text")
+    res = api_record(
+        files or [], text=text, home=home, fmt=fmt, separator=split, tags=tag, redact=not no_redact, max_bytes=max_bytes
+    )
 
     def human(r) -> None:
         out.print(f"recorded [bold]{len(r.added)}[/bold] memories, {r.probes_added} probes into {r.home}")
         if r.duplicates:
-            err.print(f"[yellow]skipped {len(r.duplicates)} duplicate(s):[/yellow] {', '.join(r.duplicates[:5])}{' …' if len(r.duplicates) > 5 else ''}")
+            err.print(
+                f"[yellow]skipped {len(r.duplicates)} duplicate(s):[/yellow] {', '.join(r.duplicates[:5])}{' …' if len(r.duplicates) > 5 else ''}"
+            )
         if r.redactions:
-            err.print(f"[yellow]redacted {r.redactions} credential(s)[/yellow] before storing (--no-redact turns this off)")
+            err.print(
+                f"[yellow]redacted {r.redactions} credential(s)[/yellow] before storing (--no-redact turns this off)"
+            )
 
     emit(res, as_json, human)
 
 
 @app.command("list")
 def list_cmd(
-    status: Optional[str] = typer.Option(None, "--status", help="pending or consolidated"),
-    since: Optional[str] = typer.Option(None, "--since", help="Only memories recorded at or after this ISO date."),
-    home: Optional[str] = HomeOpt,
+    status: str | None = typer.Option(None, "--status", help="pending or consolidated"),
+    since: str | None = typer.Option(None, "--since", help="Only memories recorded at or after this ISO date."),
+    home: str | None = HomeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """List stored memories."""
@@ -109,16 +130,32 @@ def list_cmd(
     def human(ts) -> None:
         t = Table(title=f"{len(ts)} memories")
         for c in ("id", "kind", "status", "created", "tags", "text"):
-            t.add_column(c, overflow="fold" if c == "text" else "ellipsis", no_wrap=c != "text", min_width=20 if c == "id" else None)
+            t.add_column(
+                c,
+                overflow="fold" if c == "text" else "ellipsis",
+                no_wrap=c != "text",
+                min_width=20 if c == "id" else None,
+            )
         for x in ts:
-            t.add_row(x.id, x.kind, x.status + (f" ({x.adapter_id})" if x.adapter_id else ""), x.created_at[:19], ",".join(x.tags), x.text[:80].replace("\n", " "))
+            t.add_row(
+                x.id,
+                x.kind,
+                x.status + (f" ({x.adapter_id})" if x.adapter_id else ""),
+                x.created_at[:19],
+                ",".join(x.tags),
+                x.text[:80].replace("\n", " "),
+            )
         out.print(t)
 
     emit(traces, as_json, human)
 
 
 @app.command()
-def show(memory: str = typer.Argument(..., help="A memory id (or a unique prefix of its id or hash)."), home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+def show(
+    memory: str = typer.Argument(..., help="A memory id (or a unique prefix of its id or hash)."),
+    home: str | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
     """Show one memory and its probes."""
     from .memories import show_memory
 
@@ -134,8 +171,13 @@ def show(memory: str = typer.Argument(..., help="A memory id (or a unique prefix
 
 
 @probe_app.command("add")
-def probe_add(memory: str, question: str = typer.Option(..., "--question", "-q"), answer: str = typer.Option(..., "--answer", "-a"),
-              home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+def probe_add(
+    memory: str,
+    question: str = typer.Option(..., "--question", "-q"),
+    answer: str = typer.Option(..., "--answer", "-a"),
+    home: str | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
     """Add a user probe to a memory; user probes are always held out from training."""
     from .memories import add_probe
 
@@ -144,7 +186,7 @@ def probe_add(memory: str, question: str = typer.Option(..., "--question", "-q")
 
 
 @app.command()
-def status(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+def status(home: str | None = HomeOpt, as_json: bool = JsonOpt) -> None:
     """Counts of memories, probes, runs and adapters, and the current adapter."""
     from .memories import open_store
 
@@ -158,13 +200,15 @@ def status(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
 
 @app.command()
 def seed(
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="A recipe profile (small, large), 'self', or a model name."),
-    student: Optional[str] = typer.Option(None, "--student", help="A recipe profile or a model name."),
-    recipe: Optional[str] = RecipeOpt,
-    since: Optional[str] = typer.Option(None, "--since", help="Only pending memories recorded at or after this ISO date."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Override training.max_steps."),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="A recipe profile (small, large), 'self', or a model name."
+    ),
+    student: str | None = typer.Option(None, "--student", help="A recipe profile or a model name."),
+    recipe: str | None = RecipeOpt,
+    since: str | None = typer.Option(None, "--since", help="Only pending memories recorded at or after this ISO date."),
+    steps: int | None = typer.Option(None, "--steps", help="Override training.max_steps."),
     overrides: list[str] = SetOpt,
-    home: Optional[str] = HomeOpt,
+    home: str | None = HomeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Consolidate pending memories into a new LoRA adapter (Knowledge Seeding)."""
@@ -174,7 +218,9 @@ def seed(
     ov = parse_overrides(overrides)
     if steps is not None:
         ov["training.max_steps"] = steps
-    res = api_seed(recipe, home=home, teacher=teacher, student=student, since=since, overrides=ov, show_progress=not as_json)
+    res = api_seed(
+        recipe, home=home, teacher=teacher, student=student, since=since, overrides=ov, show_progress=not as_json
+    )
 
     def human(r) -> None:
         out.print(r.message)
@@ -185,7 +231,7 @@ def seed(
 
 
 @adapters_app.command("list")
-def adapters_list(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+def adapters_list(home: str | None = HomeOpt, as_json: bool = JsonOpt) -> None:
     """Adapter versions, newest last; * marks the current one."""
     from .memories import open_store
 
@@ -197,37 +243,60 @@ def adapters_list(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> Non
         for c in ("", "version", "id", "kind", "base model", "parent", "memories", "run", "created"):
             t.add_column(c)
         for a in ads:
-            t.add_row("*" if a.current else "", f"v{a.version}", a.id, a.kind, a.base_model, a.parent_id or "-", str(len(a.trace_ids)), a.run_id, a.created_at[:19])
+            t.add_row(
+                "*" if a.current else "",
+                f"v{a.version}",
+                a.id,
+                a.kind,
+                a.base_model,
+                a.parent_id or "-",
+                str(len(a.trace_ids)),
+                a.run_id,
+                a.created_at[:19],
+            )
         out.print(t)
 
     emit(ads, as_json, human)
 
 
 @adapters_app.command("rollback")
-def adapters_rollback(to: Optional[str] = typer.Argument(None, help="A version (v2), an id, or 'base'; default: the parent of the current."),
-                      home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+def adapters_rollback(
+    to: str | None = typer.Argument(None, help="A version (v2), an id, or 'base'; default: the parent of the current."),
+    home: str | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
     """Make an earlier adapter current. Nothing is deleted; roll forward with `adapters use`."""
     from .memories import open_store
     from .runs import rollback
 
     with open_store(home) as st:
         a = rollback(st, to)
-    emit({"current": a.model_dump() if a else None}, as_json, lambda _: out.print(f"current adapter: {'v%d (%s)' % (a.version, a.id) if a else 'none (base model)'}"))
+    emit(
+        {"current": a.model_dump() if a else None},
+        as_json,
+        lambda _: out.print(f"current adapter: {f'v{a.version} ({a.id})' if a else 'none (base model)'}"),
+    )
 
 
 @adapters_app.command("use")
-def adapters_use(to: str = typer.Argument(..., help="A version (v3) or id."), home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+def adapters_use(
+    to: str = typer.Argument(..., help="A version (v3) or id."), home: str | None = HomeOpt, as_json: bool = JsonOpt
+) -> None:
     """Make any adapter version current."""
     from .memories import open_store
     from .runs import rollback
 
     with open_store(home) as st:
         a = rollback(st, to)
-    emit({"current": a.model_dump() if a else None}, as_json, lambda _: out.print(f"current adapter: v{a.version} ({a.id})"))
+    emit(
+        {"current": a.model_dump() if a else None},
+        as_json,
+        lambda _: out.print(f"current adapter: v{a.version} ({a.id})"),
+    )
 
 
 @app.command()
-def runs(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
+def runs(home: str | None = HomeOpt, as_json: bool = JsonOpt) -> None:
     """Runs and their status."""
     from .memories import open_store
 
@@ -245,6 +314,115 @@ def runs(home: Optional[str] = HomeOpt, as_json: bool = JsonOpt) -> None:
     emit(rs, as_json, human)
 
 
+# --- eval ------------------------------------------------------------------------------------------------
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_report(r, per_memory: bool = False, samples: int = 4) -> None:
+    what = f"adapter v{r.adapter_version}" if r.adapter_version else "no adapter"
+    t = Table(
+        title=f"eval of {what} on {r.student}: "
+        f"{r.probes_new} held-out probes" + (f", {r.probes_retention} retention probes" if r.probes_retention else "")
+    )
+    for c in ("method", "probes", "n", "contains", "F1", "judge", "general ppl", "ppl change"):
+        t.add_column(c, justify="right" if c not in ("method", "probes") else "left")
+    for row in r.table():
+        t.add_row(
+            row["method"],
+            row["group"],
+            str(row["n"]),
+            _pct(row["contains"]),
+            f"{row['f1']:.3f}",
+            _pct(row["judge"]),
+            "-" if row["ppl"] is None else f"{row['ppl']:.2f}",
+            "-" if row["ppl_change"] is None else f"{100 * row['ppl_change']:+.1f}%",
+        )
+    out.print(t)
+    for m in r.methods:
+        if m.method in ("sleep", "in-context") and m.group == "new" and m.results:
+            out.print(f"[bold]{m.method}[/bold]: sample outputs beside their references")
+            for x in m.results[:samples]:
+                mark = "[green]✓[/green]" if x.contains else "[red]✗[/red]"
+                out.print(
+                    f"  {mark} Q: {x.question}\n     ref: {x.reference}\n     out: {x.output[:160]!r}", highlight=False
+                )
+    if per_memory:
+        pm = Table(title="per memory (contains-match, new probes)")
+        methods = [m for m in r.methods if m.group == "new"]
+        pm.add_column("memory")
+        for m in methods:
+            pm.add_column(m.method)
+        ids = sorted({x.trace_id for m in methods for x in m.results})
+        for tid in ids:
+            cells = []
+            for m in methods:
+                xs = [x for x in m.results if x.trace_id == tid]
+                cells.append(f"{sum(x.contains for x in xs)}/{len(xs)}")
+            pm.add_row(tid, *cells)
+        out.print(pm)
+    for n in r.notes:
+        err.print(f"[dim]note: {n}[/dim]")
+    if r.path:
+        err.print(f"[dim]report: {r.path} (plot beside it: eval.png)[/dim]")
+
+
+@app.command("eval")
+def eval_cmd(
+    target: str | None = typer.Argument(
+        None, help="A run id, an adapter (v2 or id), or 'base'; default: the current adapter."
+    ),
+    baselines: bool = typer.Option(
+        False, "--baselines", help="Also train and score naive SFT on the raw traces at the same budget."
+    ),
+    per_memory: bool = typer.Option(False, "--per-memory", help="Show recall per memory."),
+    compare: list[str] | None = typer.Option(
+        None, "--compare", help="Two runs or adapters to put side by side (reads their saved reports)."
+    ),
+    recipe: str | None = RecipeOpt,
+    student: str | None = typer.Option(
+        None, "--student", help="Override the student model (must match the adapter's base)."
+    ),
+    overrides: list[str] = SetOpt,
+    home: str | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Recall on held-out probes (base, in-context, sleep [, naive SFT]) and forgetting (perplexity, retention)."""
+    from .evaluate import compare_reports, evaluate
+    from .recipe import parse_overrides
+
+    if compare:
+        if len(compare) != 2:
+            raise UsageError("--compare takes two runs or adapters: --compare A --compare B")
+        rows = compare_reports(compare[0], compare[1], home=home)
+
+        def human(rows) -> None:
+            t = Table(title=f"{compare[0]}  vs  {compare[1]}")
+            for c in ("method", "probes", "A contains", "B contains", "A F1", "B F1", "A ppl", "B ppl"):
+                t.add_column(c)
+            for x in rows:
+                t.add_row(
+                    x["method"],
+                    x["group"],
+                    _pct(x["a_contains"]),
+                    _pct(x["b_contains"]),
+                    "-" if x["a_f1"] is None else f"{x['a_f1']:.3f}",
+                    "-" if x["b_f1"] is None else f"{x['b_f1']:.3f}",
+                    "-" if x["a_ppl"] is None else f"{x['a_ppl']:.2f}",
+                    "-" if x["b_ppl"] is None else f"{x['b_ppl']:.2f}",
+                )
+            out.print(t)
+
+        emit(rows, as_json, human)
+        return
+    r = evaluate(
+        target, home=home, recipe=recipe, student=student, baselines=baselines, overrides=parse_overrides(overrides)
+    )
+    emit(r, as_json, lambda r: print_report(r, per_memory))
+
+
 # --- recipes ---------------------------------------------------------------------------------------------
 
 
@@ -256,12 +434,31 @@ def recipes_list(as_json: bool = JsonOpt) -> None:
     rows = []
     for p in sorted(RECIPES_DIR.glob("*.yaml")):
         r, _ = load_recipe(p)
-        rows.append({"name": p.stem, "teacher": r.teacher, "student": r.student, "profiles": {k: v.model for k, v in r.profiles.items()}, "description": r.description})
-    emit(rows, as_json, lambda rows: [out.print(f"[bold]{x['name']}[/bold]: {x['description']}  (teacher {x['teacher']} → student {x['student']}; {x['profiles']})") for x in rows])
+        rows.append(
+            {
+                "name": p.stem,
+                "teacher": r.teacher,
+                "student": r.student,
+                "profiles": {k: v.model for k, v in r.profiles.items()},
+                "description": r.description,
+            }
+        )
+    emit(
+        rows,
+        as_json,
+        lambda rows: [
+            out.print(
+                f"[bold]{x['name']}[/bold]: {x['description']}  (teacher {x['teacher']} → student {x['student']}; {x['profiles']})"
+            )
+            for x in rows
+        ],
+    )
 
 
 @recipes_app.command("show")
-def recipes_show(recipe: str = typer.Argument("quick-cpu"), overrides: list[str] = SetOpt, as_json: bool = JsonOpt) -> None:
+def recipes_show(
+    recipe: str = typer.Argument("quick-cpu"), overrides: list[str] = SetOpt, as_json: bool = JsonOpt
+) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
     import yaml
 

@@ -20,8 +20,9 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float, num_samples: int = 1,
-                 seed: int = 0) -> Rollouts:
+    def generate(
+        self, prompts: list[str], *, max_new_tokens: int, temperature: float, num_samples: int = 1, seed: int = 0
+    ) -> Rollouts:
         """Completions for each prompt, `num_samples` consecutive entries per prompt; temperature 0 is greedy."""
         ...
 
@@ -33,8 +34,9 @@ class HFEngine:
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float, num_samples: int = 1,
-                 seed: int = 0) -> Rollouts:
+    def generate(
+        self, prompts: list[str], *, max_new_tokens: int, temperature: float, num_samples: int = 1, seed: int = 0
+    ) -> Rollouts:
         expanded = [p for p in prompts for _ in range(num_samples)]
         out = Rollouts([], [], [])
         was_training = self.model.training

@@ -95,7 +95,9 @@ def _decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise InputError(f"{where}: not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})", hint="convert the file to UTF-8") from e
+        raise InputError(
+            f"{where}: not UTF-8 (byte {e.start}: {data[e.start : e.start + 1]!r})", hint="convert the file to UTF-8"
+        ) from e
 
 
 def _pydantic_msg(e: ValidationError) -> str:
@@ -114,12 +116,18 @@ def parse_jsonl(text: str, where: str, fmt: Format) -> list[ParsedMemory]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{where}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); nothing from this file was recorded") from e
+            raise InputError(
+                f"{where}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); nothing from this file was recorded"
+            ) from e
         if not isinstance(obj, dict):
-            raise InputError(f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}; nothing from this file was recorded")
+            raise InputError(
+                f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}; nothing from this file was recorded"
+            )
         kind = fmt if fmt in ("chat", "text") else ("chat" if "messages" in obj else "text" if "text" in obj else None)
         if kind is None:
-            raise InputError(f"{where}:{lineno}: a record needs a 'messages' list or a 'text' field; nothing from this file was recorded")
+            raise InputError(
+                f"{where}:{lineno}: a record needs a 'messages' list or a 'text' field; nothing from this file was recorded"
+            )
         try:
             rec = ChatRecord.model_validate(obj) if kind == "chat" else TextRecord.model_validate(obj)
         except ValidationError as e:
@@ -134,7 +142,11 @@ def parse_jsonl(text: str, where: str, fmt: Format) -> list[ParsedMemory]:
 
 def parse_note(text: str, where: str, separator: str | None) -> list[ParsedMemory]:
     chunks = [text] if separator is None else _split(text, separator)
-    return [ParsedMemory("note", c.strip(), None, where if len(chunks) == 1 else f"{where}#{i}", [], []) for i, c in enumerate(chunks, 1) if c.strip()]
+    return [
+        ParsedMemory("note", c.strip(), None, where if len(chunks) == 1 else f"{where}#{i}", [], [])
+        for i, c in enumerate(chunks, 1)
+        if c.strip()
+    ]
 
 
 def _split(text: str, separator: str) -> list[str]:
@@ -158,8 +170,14 @@ def detect_format(name: str, text: str) -> Format:
     return "auto" if text.lstrip().startswith("{") else "note"
 
 
-def parse_source(data: bytes, where: str, fmt: Format = "auto", separator: str | None = None,
-                 do_redact: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> list[ParsedMemory]:
+def parse_source(
+    data: bytes,
+    where: str,
+    fmt: Format = "auto",
+    separator: str | None = None,
+    do_redact: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> list[ParsedMemory]:
     """Parse one file (or stdin) completely, or raise: a file is never half-recorded."""
     text = _decode(data, where)
     if not text.strip():

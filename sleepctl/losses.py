@@ -8,8 +8,13 @@ import torch
 import torch.nn.functional as F
 
 
-def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                         beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Per-token generalised JSD over the vocabulary, averaged over the counted tokens of the whole batch.
 
     beta=0 is forward KL(teacher‖student), beta=1 reverse KL(student‖teacher), as in GKD.
@@ -30,8 +35,9 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     return (per_tok * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def divergence(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-               beta: float = 0.5) -> torch.Tensor:
+def divergence(
+    kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float = 0.5
+) -> torch.Tensor:
     """The recipe's `D`: reverse_kl, forward_kl, or jsd with `beta`."""
     b = {"reverse_kl": 1.0, "forward_kl": 0.0}.get(kind, beta)
     return generalized_jsd_loss(student_logits, teacher_logits, mask, beta=b)

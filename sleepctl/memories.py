@@ -68,8 +68,16 @@ def record(
                     continue
                 seen.add(m.hash)
                 t = Trace(
-                    id=new_id("m"), hash=m.hash, kind=m.kind, text=m.text, messages=m.messages, source=m.source,
-                    tags=sorted(set(m.tags + (tags or []))), redactions=m.redactions, created_at=now(), updated_at=now(),
+                    id=new_id("m"),
+                    hash=m.hash,
+                    kind=m.kind,
+                    text=m.text,
+                    messages=m.messages,
+                    source=m.source,
+                    tags=sorted(set(m.tags + (tags or []))),
+                    redactions=m.redactions,
+                    created_at=now(),
+                    updated_at=now(),
                 )
                 st.insert_trace(db, t)
                 res.added.append(t.id)
@@ -83,7 +91,15 @@ def record(
 
 def _user_probe(trace_id: str, question: str, answer: str) -> Probe:
     # User probes are always held out: they are the user's own test of what was learned.
-    return Probe(id=new_id("p"), trace_id=trace_id, question=question, answer=answer, origin="user", split="heldout", created_at=now())
+    return Probe(
+        id=new_id("p"),
+        trace_id=trace_id,
+        question=question,
+        answer=answer,
+        origin="user",
+        split="heldout",
+        created_at=now(),
+    )
 
 
 def add_probe(memory: str, question: str, answer: str, home: str | os.PathLike | None = None) -> Probe:
@@ -98,7 +114,9 @@ def add_probe(memory: str, question: str, answer: str, home: str | os.PathLike |
     return p
 
 
-def list_memories(home: str | os.PathLike | None = None, status: str | None = None, since: str | None = None) -> list[Trace]:
+def list_memories(
+    home: str | os.PathLike | None = None, status: str | None = None, since: str | None = None
+) -> list[Trace]:
     if status not in (None, "pending", "consolidated"):
         raise InputError(f"unknown status {status!r}: use pending or consolidated")
     with open_store(home) as st:

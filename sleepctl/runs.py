@@ -36,8 +36,12 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     return {
-        "sleepctl": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__, "platform": platform.platform(),
+        "sleepctl": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
     }
 
 
@@ -86,7 +90,9 @@ class RunFolder:
         return self.path / "checkpoints"
 
 
-def start_run(home: Home, st: Store, kind: str, recipe: dict, memory_ids: list[str], extra: dict | None = None) -> RunFolder:
+def start_run(
+    home: Home, st: Store, kind: str, recipe: dict, memory_ids: list[str], extra: dict | None = None
+) -> RunFolder:
     run_id = new_id(kind)
     path = home.run_dir(run_id)
     path.mkdir(parents=True)
@@ -100,7 +106,9 @@ def start_run(home: Home, st: Store, kind: str, recipe: dict, memory_ids: list[s
     return RunFolder(run, path)
 
 
-def find_resumable(home: Home, st: Store, kind: str, recipe: dict, memory_ids: list[str], extra: dict | None = None) -> RunFolder | None:
+def find_resumable(
+    home: Home, st: Store, kind: str, recipe: dict, memory_ids: list[str], extra: dict | None = None
+) -> RunFolder | None:
     """An unfinished run of the same recipe and memories: the same command after a kill picks it up."""
     key = {"kind": kind, "recipe": config_hash(recipe), "memories": config_hash(memory_ids), **(extra or {})}
     for run in reversed(st.runs(kind)):
@@ -122,7 +130,9 @@ class TrainState(BaseModel):
     rng_python: Any = None
 
 
-def save_checkpoint(rf: RunFolder, step: int, adapter_state: dict[str, torch.Tensor], optimizer, scheduler, state: TrainState) -> Path:
+def save_checkpoint(
+    rf: RunFolder, step: int, adapter_state: dict[str, torch.Tensor], optimizer, scheduler, state: TrainState
+) -> Path:
     from safetensors.torch import save_file
 
     final = rf.ckpt_dir / f"step-{step:06d}"
@@ -189,24 +199,61 @@ def apply_stack(model, stack: list[Adapter]):
     return model
 
 
-def publish_adapter(home: Home, st: Store, peft_model, *, run_id: str, kind: str, base_model: str,
-                    parent_id: str | None, trace_ids: list[str], metrics: dict, make_current: bool = True,
-                    mark_consolidated: bool = True) -> Adapter:
+def publish_adapter(
+    home: Home,
+    st: Store,
+    peft_model,
+    *,
+    run_id: str,
+    kind: str,
+    base_model: str,
+    parent_id: str | None,
+    trace_ids: list[str],
+    metrics: dict,
+    make_current: bool = True,
+    mark_consolidated: bool = True,
+) -> Adapter:
     """Write the adapter under a temporary name, move it into place, then commit the registry row."""
+    for stale in home.adapters_dir.glob(".tmp-*"):  # left by a crash mid-write; never registered
+        shutil.rmtree(stale, ignore_errors=True)
     version = st.next_adapter_version()
     adapter_id = new_id("a")
     final = home.adapters_dir / f"v{version:03d}-{adapter_id}"
     tmp = home.adapters_dir / f".tmp-{adapter_id}"
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "sleepctl.json").write_text(json.dumps({"id": adapter_id, "version": version, "run_id": run_id,
-                                                        "base_model": base_model, "parent_id": parent_id}, indent=2))
+        (tmp / "sleepctl.json").write_text(
+            json.dumps(
+                {
+                    "id": adapter_id,
+                    "version": version,
+                    "run_id": run_id,
+                    "base_model": base_model,
+                    "parent_id": parent_id,
+                },
+                indent=2,
+            )
+        )
         os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SleepError(f"could not write the adapter: {e.strerror or e}", hint="free disk space in the home; the current adapter is unchanged") from e
-    a = Adapter(id=adapter_id, version=version, run_id=run_id, kind=kind, base_model=base_model, parent_id=parent_id,
-                path=str(final), trace_ids=trace_ids, metrics=metrics, created_at=now(), current=make_current)
+        raise SleepError(
+            f"could not write the adapter: {e.strerror or e}",
+            hint="free disk space in the home; the current adapter is unchanged",
+        ) from e
+    a = Adapter(
+        id=adapter_id,
+        version=version,
+        run_id=run_id,
+        kind=kind,
+        base_model=base_model,
+        parent_id=parent_id,
+        path=str(final),
+        trace_ids=trace_ids,
+        metrics=metrics,
+        created_at=now(),
+        current=make_current,
+    )
     with st.transaction() as db:
         st.insert_adapter(db, a)
         if make_current:

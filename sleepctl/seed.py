@@ -91,7 +91,10 @@ def resolve_ref(recipe: Recipe, ref: str, role: str) -> str:
         return "self"
     if ref in recipe.profiles or ref in OFFLINE_MODELS or Path(ref).expanduser().exists() or "/" in ref:
         return ref
-    raise RecipeError(f"unknown {role} profile {ref!r}", hint=f"the recipe defines: {', '.join(recipe.profiles)}; or give a model alias, path or id")
+    raise RecipeError(
+        f"unknown {role} profile {ref!r}",
+        hint=f"the recipe defines: {', '.join(recipe.profiles)}; or give a model alias, path or id",
+    )
 
 
 def prepare(recipe_ref: str | None, teacher: str | None, student: str | None, overrides: dict | None) -> Recipe:
@@ -112,8 +115,10 @@ def load_student(st: Store, recipe: Recipe):
     stack = lineage(st, st.current_adapter_id())
     for a in stack:
         if a.base_model != name:
-            raise ModelError(f"the current adapter v{a.version} was trained on {a.base_model!r}, not the student {name!r}",
-                             hint="use the same student, or `sleepctl adapters rollback base`")
+            raise ModelError(
+                f"the current adapter v{a.version} was trained on {a.base_model!r}, not the student {name!r}",
+                hint="use the same student, or `sleepctl adapters rollback base`",
+            )
     return apply_stack(model, stack), tok, stack
 
 
@@ -134,8 +139,9 @@ def load_teacher(recipe: Recipe, student_tok):
 # --- data --------------------------------------------------------------------------------------------
 
 
-def build_data(traces: list[Trace], recipe: Recipe, t_engine, t_tok, st: Store, rng: random.Random,
-               seed: int) -> tuple[list[Example], list[Probe]]:
+def build_data(
+    traces: list[Trace], recipe: Recipe, t_engine, t_tok, st: Store, rng: random.Random, seed: int
+) -> tuple[list[Example], list[Probe]]:
     """Prompts, probes and teacher answers for every memory.
 
     Questions about a memory carry it; a user turn like "heads up: X moved" only draws an acknowledgement.
@@ -146,8 +152,15 @@ def build_data(traces: list[Trace], recipe: Recipe, t_engine, t_tok, st: Store, 
     gen = dict(max_new_tokens=d.max_new_tokens)
     questions: dict[str, list[str]] = {t.id: [] for t in traces}
     if d.questions_per_memory + d.probes_per_memory > 0:
-        asks = [render(t_tok, sysp, question_request(t.text, d.questions_per_memory + d.probes_per_memory)) for t in traces]
-        out = t_engine.generate(asks, max_new_tokens=max(128, 24 * (d.questions_per_memory + d.probes_per_memory)), temperature=0.0, seed=seed)
+        asks = [
+            render(t_tok, sysp, question_request(t.text, d.questions_per_memory + d.probes_per_memory)) for t in traces
+        ]
+        out = t_engine.generate(
+            asks,
+            max_new_tokens=max(128, 24 * (d.questions_per_memory + d.probes_per_memory)),
+            temperature=0.0,
+            seed=seed,
+        )
         for t, text in zip(traces, out.texts):
             questions[t.id] = parse_questions(text, d.questions_per_memory + d.probes_per_memory)
 
@@ -164,7 +177,17 @@ def build_data(traces: list[Trace], recipe: Recipe, t_engine, t_tok, st: Store, 
                 continue
             if a and token_f1(a, b) >= 0.4 and grounded(a, t.text):
                 split = "heldout" if rng.random() < d.heldout_fraction else "train"
-                probes.append(Probe(id=new_id("p"), trace_id=t.id, question=q, answer=a, origin="teacher", split=split, created_at=now()))
+                probes.append(
+                    Probe(
+                        id=new_id("p"),
+                        trace_id=t.id,
+                        question=q,
+                        answer=a,
+                        origin="teacher",
+                        split=split,
+                        created_at=now(),
+                    )
+                )
                 per_mem[t.id] = per_mem.get(t.id, 0) + 1
     heldout_q = {p.question for p in probes if p.split == "heldout"}
     user_heldout = {p.question for p in st.probes([t.id for t in traces], split="heldout")}
@@ -183,21 +206,34 @@ def build_data(traces: list[Trace], recipe: Recipe, t_engine, t_tok, st: Store, 
     t_text = [render(t_tok, sysp, p, [t.text]) for t, p in prompts]
     answers = [t_engine.generate(t_text, temperature=0.0, seed=seed, **gen).texts]
     for k in range(1, d.teacher_samples):
-        answers.append(t_engine.generate(t_text, temperature=recipe.loss.teacher_temperature, seed=seed + 10 + k, **gen).texts)
+        answers.append(
+            t_engine.generate(t_text, temperature=recipe.loss.teacher_temperature, seed=seed + 10 + k, **gen).texts
+        )
     examples = []
     for i, (t, p) in enumerate(prompts):
         samples = list(dict.fromkeys(a[i] for a in answers if a[i].strip()))
         if samples:
             examples.append(Example(t.id, p, samples))
+    if not examples:
+        raise SleepError(
+            "the teacher gave no usable answer to any prompt", hint="check the teacher model; a bigger teacher helps"
+        )
     return examples, probes
 
 
 # --- the loop ----------------------------------------------------------------------------------------
 
 
-def seed(recipe: str | None = None, *, home: str | os.PathLike | None = None, teacher: str | None = None,
-         student: str | None = None, since: str | None = None, overrides: dict | None = None,
-         show_progress: bool = True) -> SeedResult:
+def seed(
+    recipe: str | None = None,
+    *,
+    home: str | os.PathLike | None = None,
+    teacher: str | None = None,
+    student: str | None = None,
+    since: str | None = None,
+    overrides: dict | None = None,
+    show_progress: bool = True,
+) -> SeedResult:
     t_start = time.time()
     cfg = prepare(recipe, teacher, student, overrides)
     h = open_home(home)
@@ -216,7 +252,9 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     resolved = cfg.model_dump()
     mem_ids = [t.id for t in pending]
     parent = st.current_adapter_id()
-    rf = find_resumable(h, st, "seed", resolved, mem_ids, {"parent": parent}) or start_run(h, st, "seed", resolved, mem_ids, {"parent": parent})
+    rf = find_resumable(h, st, "seed", resolved, mem_ids, {"parent": parent}) or start_run(
+        h, st, "seed", resolved, mem_ids, {"parent": parent}
+    )
     seed_everything(tr.seed)
 
     s_model, s_tok, _stack = load_student(st, cfg)
@@ -243,8 +281,9 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
             for p in probes:
                 st.insert_probe(db, p)
         tmp = data_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"examples": [e.__dict__ for e in examples],
-                                   "probes": [p.model_dump() for p in probes]}))
+        tmp.write_text(
+            json.dumps({"examples": [e.__dict__ for e in examples], "probes": [p.model_dump() for p in probes]})
+        )
         os.replace(tmp, data_path)
 
     opt, sched = make_optimizer(model, cfg.optim, tr.max_steps)
@@ -259,16 +298,25 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     mem_text = {t.id: t.text for t in pending}
     pad = s_tok.pad_token_id
     last: dict[str, Any] = {}
-    step = start
-    progress = Progress(TextColumn("[bold]seed[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=err, disable=not show_progress)
+    step = completed = saved = start
+    progress = Progress(
+        TextColumn("[bold]seed[/bold]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not show_progress,
+    )
     try:
         with progress:
             task = progress.add_task("seed", total=tr.max_steps, completed=start, info="")
             for step in range(start, tr.max_steps):
                 t0 = time.time()
-                rng = random.Random(tr.seed * 1_000_003 + step)  # per-step: a resumed run draws what a straight one would
+                rng = random.Random(
+                    tr.seed * 1_000_003 + step
+                )  # per-step: a resumed run draws what a straight one would
                 torch.manual_seed(tr.seed * 1_000_003 + step)
                 batch = [examples[rng.randrange(len(examples))] for _ in range(tr.batch_size)]
                 lmbda = lc.lmbda * min(1.0, step / lc.lmbda_warmup_steps) if lc.lmbda_warmup_steps else lc.lmbda
@@ -283,13 +331,23 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
                 if lc.alpha > 0:
                     if on_policy:
                         tr0 = time.time()
-                        ro = s_engine.generate(s_prompts, max_new_tokens=cfg.data.max_new_tokens, temperature=lc.temperature, seed=rng.randrange(2**31))
+                        ro = s_engine.generate(
+                            s_prompts,
+                            max_new_tokens=cfg.data.max_new_tokens,
+                            temperature=lc.temperature,
+                            seed=rng.randrange(2**31),
+                        )
                         rollout_s += time.time() - tr0
                         rollout_tokens += ro.num_tokens
                         ys = [c if c else [s_tok.eos_token_id] for c in ro.completion_ids]
                     else:
                         ys = [_encode_answer(s_tok, rng.choice(e.samples)) for e in batch]
-                    t_prompts = [t_tok(render(t_tok, sysp, e.prompt, [mem_text[e.trace_id]]), add_special_tokens=False)["input_ids"] for e in batch]
+                    t_prompts = [
+                        t_tok(render(t_tok, sysp, e.prompt, [mem_text[e.trace_id]]), add_special_tokens=False)[
+                            "input_ids"
+                        ]
+                        for e in batch
+                    ]
                     with torch.no_grad(), teacher_ctx():
                         t_logits, _ = completion_logits(teacher_model, t_prompts, ys, pad)
                     s_logits, mask = completion_logits(model, s_ids, ys, pad)
@@ -309,48 +367,90 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+                gn = torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
+                )
                 opt.step()
                 sched.step()
+                completed = step + 1
                 dt = time.time() - t0
-                m.update({"loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "step_s": dt,
-                          "tokens_per_second": m.get("train/tokens", 0) / dt if dt else 0.0,
-                          "rollout/tokens_per_s": rollout_tokens / rollout_s if rollout_s else None,
-                          "time": now()})
+                m.update(
+                    {
+                        "loss": loss.item(),
+                        "grad_norm": float(gn),
+                        "lr": sched.get_last_lr()[0],
+                        "step_s": dt,
+                        "tokens_per_second": m.get("train/tokens", 0) / dt if dt else 0.0,
+                        "rollout/tokens_per_s": rollout_tokens / rollout_s if rollout_s else None,
+                        "time": now(),
+                    }
+                )
                 rf.metrics.log(m)
                 last = m
                 info = f"loss {m['loss']:.3f}" + (f" kd {m['train/kd_loss']:.3f}" if "train/kd_loss" in m else "")
                 info += f" r {m['reward/mean']:.2f}" if "reward/mean" in m else ""
                 info += f" λ {lmbda:.2f}"
                 progress.update(task, completed=step + 1, info=info)
-                if (step + 1) % tr.checkpoint_every == 0 and step + 1 < tr.max_steps:
-                    save_checkpoint(rf, step + 1, adapter_state(model), opt, sched, TrainState(step=step + 1, seed=tr.seed))
+                if completed % tr.checkpoint_every == 0 and completed < tr.max_steps:
+                    save_checkpoint(
+                        rf, completed, adapter_state(model), opt, sched, TrainState(step=completed, seed=tr.seed)
+                    )
+                    saved = completed
     except KeyboardInterrupt:
-        done = step  # the step in flight did not finish
-        if done > (resumed_from or 0):
-            save_checkpoint(rf, done, adapter_state(model), opt, sched, TrainState(step=done, seed=tr.seed))
-        st.update_run(rf.run.id, "interrupted", {"steps": done})
-        raise Interrupted(f"interrupted at step {done}; run the same command again to resume", hint=f"run {rf.run.id}") from None
+        # Ctrl-C: keep every finished step (the one in flight is dropped), so the same command resumes here.
+        if completed > saved:
+            save_checkpoint(rf, completed, adapter_state(model), opt, sched, TrainState(step=completed, seed=tr.seed))
+        st.update_run(rf.run.id, "interrupted", {"steps": completed})
+        raise Interrupted(
+            f"interrupted after step {completed}; run the same command again to resume", hint=f"run {rf.run.id}"
+        ) from None
     except Exception:
-        st.update_run(rf.run.id, "failed", {"steps": step})
+        st.update_run(rf.run.id, "failed", {"steps": completed})
         raise
 
     wall = time.time() - t_start
     peak = peak_memory_mb(device)
-    metrics = {"steps": tr.max_steps, "final_loss": last.get("loss"), "wall_s": wall, "peak_memory_mb": peak,
-               "examples": len(examples), "memories": len(pending)}
+    metrics = {
+        "steps": tr.max_steps,
+        "final_loss": last.get("loss"),
+        "wall_s": wall,
+        "peak_memory_mb": peak,
+        "examples": len(examples),
+        "memories": len(pending),
+    }
     try:
-        a = publish_adapter(h, st, model, run_id=rf.run.id, kind="seed", base_model=student_name, parent_id=st.current_adapter_id(),
-                            trace_ids=[t.id for t in pending], metrics=metrics)
+        a = publish_adapter(
+            h,
+            st,
+            model,
+            run_id=rf.run.id,
+            kind="seed",
+            base_model=student_name,
+            parent_id=st.current_adapter_id(),
+            trace_ids=[t.id for t in pending],
+            metrics=metrics,
+        )
     except SleepError:
         st.update_run(rf.run.id, "failed", metrics)
         raise
     st.update_run(rf.run.id, "done", {**metrics, "adapter_id": a.id, "adapter_version": a.version})
-    (rf.path / "summary.json").write_text(json.dumps({**metrics, "adapter_id": a.id, "adapter_version": a.version}, indent=2))
-    return SeedResult(status="done", message=f"consolidated {len(pending)} memories into adapter v{a.version}",
-                      run_id=rf.run.id, run_dir=str(rf.path), adapter_id=a.id, adapter_version=a.version,
-                      memories=len(pending), steps=tr.max_steps, resumed_from=resumed_from, wall_s=wall,
-                      peak_memory_mb=peak, final=last)
+    (rf.path / "summary.json").write_text(
+        json.dumps({**metrics, "adapter_id": a.id, "adapter_version": a.version}, indent=2)
+    )
+    return SeedResult(
+        status="done",
+        message=f"consolidated {len(pending)} memories into adapter v{a.version}",
+        run_id=rf.run.id,
+        run_dir=str(rf.path),
+        adapter_id=a.id,
+        adapter_version=a.version,
+        memories=len(pending),
+        steps=tr.max_steps,
+        resumed_from=resumed_from,
+        wall_s=wall,
+        peak_memory_mb=peak,
+        final=last,
+    )
 
 
 def _encode_answer(tok, text: str) -> list[int]:
@@ -370,7 +470,13 @@ def _lti_loss(model, engine, tok, batch: list[Example], s_prompts: list[str], cf
         prompts.append(s_prompts[i] + prefix + (" " if k else ""))
         targets.append(" ".join(words[k:]))
     t0 = time.time()
-    ro = engine.generate(prompts, max_new_tokens=cfg.data.max_new_tokens, temperature=lc.temperature, num_samples=G, seed=rng.randrange(2**31))
+    ro = engine.generate(
+        prompts,
+        max_new_tokens=cfg.data.max_new_tokens,
+        temperature=lc.temperature,
+        num_samples=G,
+        seed=rng.randrange(2**31),
+    )
     rollout_s = time.time() - t0
     tgt = [t for t in targets for _ in range(G)]
     r_abs = torch.tensor([abs_reward(p, t, lc.z0) for p, t in zip(ro.texts, tgt)])
@@ -382,8 +488,13 @@ def _lti_loss(model, engine, tok, batch: list[Example], s_prompts: list[str], cf
     logits, mask = completion_logits(model, ro.prompt_ids, comps, tok.pad_token_id)
     logps = sequence_logps(logits, labels_tensor(comps, device))
     loss = policy_gradient_loss(logps, adv.to(device), mask)
-    return loss, {"reward/mean": rewards.mean().item(), "reward/r_abs": r_abs.mean().item(), "reward/r_sem": r_sem.mean().item(),
-                  "rollout_tokens": ro.num_tokens, "rollout_s": rollout_s}
+    return loss, {
+        "reward/mean": rewards.mean().item(),
+        "reward/r_abs": r_abs.mean().item(),
+        "reward/r_sem": r_sem.mean().item(),
+        "rollout_tokens": ro.num_tokens,
+        "rollout_s": rollout_s,
+    }
 
 
 class _nullctx:

@@ -79,9 +79,14 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+_last_ms = 0
+
+
 def new_id(prefix: str) -> str:
-    """Time-ordered ids: sorting by id sorts by creation."""
-    return f"{prefix}_{int(time.time() * 1000):011x}{secrets.token_hex(3)}"
+    """Time-ordered ids: sorting by id sorts by creation, also within one millisecond of one process."""
+    global _last_ms
+    _last_ms = max(int(time.time() * 1000), _last_ms + 1)
+    return f"{prefix}_{_last_ms:011x}{secrets.token_hex(3)}"
 
 
 class Store:
@@ -95,7 +100,9 @@ class Store:
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot open store {self.path}: {e}", hint="is the home writable and the file a sleepctl store?") from e
+            raise StoreError(
+                f"cannot open store {self.path}: {e}", hint="is the home writable and the file a sleepctl store?"
+            ) from e
 
     def close(self) -> None:
         self.db.close()
@@ -138,13 +145,24 @@ class Store:
         db.execute(
             "INSERT INTO traces VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
-                t.id, t.hash, t.kind, t.text,
+                t.id,
+                t.hash,
+                t.kind,
+                t.text,
                 json.dumps([m.model_dump() for m in t.messages]) if t.messages else None,
-                t.source, json.dumps(t.tags), t.status, t.adapter_id, t.redactions, t.created_at, t.updated_at,
+                t.source,
+                json.dumps(t.tags),
+                t.status,
+                t.adapter_id,
+                t.redactions,
+                t.created_at,
+                t.updated_at,
             ),
         )
 
-    def traces(self, status: str | None = None, since: str | None = None, ids: Iterable[str] | None = None) -> list[Trace]:
+    def traces(
+        self, status: str | None = None, since: str | None = None, ids: Iterable[str] | None = None
+    ) -> list[Trace]:
         sql, args = "SELECT * FROM traces WHERE 1=1", []
         if status:
             sql += " AND status=?"
@@ -177,7 +195,9 @@ class Store:
         )
 
     def mark_pending(self, db: sqlite3.Connection, adapter_id: str) -> None:
-        db.execute("UPDATE traces SET status='pending', adapter_id=NULL, updated_at=? WHERE adapter_id=?", (now(), adapter_id))
+        db.execute(
+            "UPDATE traces SET status='pending', adapter_id=NULL, updated_at=? WHERE adapter_id=?", (now(), adapter_id)
+        )
 
     # probes ---------------------------------------------------------------------------------
     def insert_probe(self, db: sqlite3.Connection, p: Probe) -> bool:
@@ -187,7 +207,9 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def probes(self, trace_ids: Iterable[str] | None = None, split: str | None = None, origin: str | None = None) -> list[Probe]:
+    def probes(
+        self, trace_ids: Iterable[str] | None = None, split: str | None = None, origin: str | None = None
+    ) -> list[Probe]:
         sql, args = "SELECT * FROM probes WHERE 1=1", []
         if split:
             sql += " AND split=?"
@@ -225,14 +247,27 @@ class Store:
     def run(self, ref: str) -> Run:
         rows = self.db.execute("SELECT * FROM runs WHERE id=? OR id LIKE ?", (ref, ref + "%")).fetchall()
         if len(rows) != 1:
-            raise StoreError(f"no run {ref!r}" if not rows else f"{ref!r} matches {len(rows)} runs", hint="sleepctl runs lists them")
+            raise StoreError(
+                f"no run {ref!r}" if not rows else f"{ref!r} matches {len(rows)} runs", hint="sleepctl runs lists them"
+            )
         return _run(rows[0])
 
     # adapters -------------------------------------------------------------------------------
     def insert_adapter(self, db: sqlite3.Connection, a: Adapter) -> None:
         db.execute(
             "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (a.id, a.version, a.run_id, a.kind, a.base_model, a.parent_id, a.path, json.dumps(a.trace_ids), json.dumps(a.metrics), a.created_at),
+            (
+                a.id,
+                a.version,
+                a.run_id,
+                a.kind,
+                a.base_model,
+                a.parent_id,
+                a.path,
+                json.dumps(a.trace_ids),
+                json.dumps(a.metrics),
+                a.created_at,
+            ),
         )
 
     def next_adapter_version(self) -> int:
@@ -249,7 +284,10 @@ class Store:
             "SELECT * FROM adapters WHERE id=? OR id LIKE ? OR CAST(version AS TEXT)=?", (ref, ref + "%", v)
         ).fetchall()
         if len(rows) != 1:
-            raise StoreError(f"no adapter {ref!r}" if not rows else f"{ref!r} matches {len(rows)} adapters", hint="sleepctl adapters lists them")
+            raise StoreError(
+                f"no adapter {ref!r}" if not rows else f"{ref!r} matches {len(rows)} adapters",
+                hint="sleepctl adapters lists them",
+            )
         return _adapter(rows[0], self.current_adapter_id())
 
     def current_adapter_id(self) -> str | None:

