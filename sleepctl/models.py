@@ -86,6 +86,10 @@ def _package_dir(name: str) -> Path | None:
 def offline_gguf(alias: str) -> Path:
     """Find (or assemble, for split packages) the GGUF of an alias, sha256-checked."""
     m = OFFLINE_MODELS[alias]
+    assembled = cache_dir() / "gguf" / m.filename
+    if assembled.exists():  # assembled earlier, or carried to a machine without the packages
+        check_sha256(assembled, m.sha256)
+        return assembled
     dirs = [_package_dir(p) for p in m.packages]
     if any(d is None for d in dirs):
         raise ModelError(f"model {alias!r} is not installed", hint=m.install)
@@ -95,7 +99,7 @@ def offline_gguf(alias: str) -> Path:
         parts = [next(iter(sorted((d / "data").glob("part*.bin"))), None) for d in dirs]
         if any(p is None for p in parts):
             raise ModelError(f"model {alias!r} is installed incompletely", hint=m.install)
-        path = cache_dir() / "gguf" / m.filename
+        path = assembled
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".partial")

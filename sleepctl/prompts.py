@@ -126,6 +126,19 @@ def entity_prompts(text: str, limit: int) -> list[str]:
     return [f"What do you know about {e}?" for e in entities(text, limit)]
 
 
+def restatement_prompts(text: str, limit: int) -> list[str]:
+    if limit <= 0:
+        return []
+    names = entities(text, limit)
+    return [f"What do you remember about {e}?" for e in names] or ["What do you remember?"]
+
+
+def restatement(trace: Trace) -> str:
+    """The memory as an answer: a note as written; a chat as what the user said (where its facts are)."""
+    turns = user_turns(trace)
+    return " ".join(turns) if turns else trace.text.strip()
+
+
 def user_turns(trace: Trace) -> list[str]:
     if not trace.messages:
         return []

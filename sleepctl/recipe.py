@@ -33,10 +33,16 @@ class Lora(Strict):
 class Data(Strict):
     questions_per_memory: int = Field(8, ge=0, le=64)
     entity_prompts: int = Field(4, ge=0, le=32, description="'what do you know about X?' prompts per memory")
+    restatements: int = Field(
+        3, ge=0, le=32, description="'what do you remember about X?' prompts answered by the memory itself"
+    )
     user_turns: bool = True
     probes_per_memory: int = Field(2, ge=0, le=16)
     heldout_fraction: float = Field(0.5, ge=0.0, le=1.0)
     teacher_samples: int = Field(2, ge=1, le=16, description="teacher answers cached per prompt")
+    grounded_only: bool = Field(
+        True, description="drop teacher answers whose content words are mostly not in the memory"
+    )
     max_prompt_tokens: int = Field(512, ge=16)
     max_new_tokens: int = Field(64, ge=1, le=2048)
     system_prompt: str = "You are a helpful assistant."

@@ -274,6 +274,15 @@ def rollback(st: Store, ref: str | None = None) -> Adapter | None:
         target = None
     else:
         target = st.adapter(ref).id
+    stack = lineage(st, target)
     with st.transaction() as db:
         st.set_current(db, target)
+        # A memory is consolidated only while its adapter is in the current stack: rolled-back
+        # memories become pending again, so the next seed learns them anew.
+        keep = {a.id for a in stack}
+        for row in db.execute("SELECT DISTINCT adapter_id FROM traces WHERE adapter_id IS NOT NULL").fetchall():
+            if row[0] not in keep:
+                st.mark_pending(db, row[0])
+        for a in stack:
+            st.mark_consolidated(db, a.trace_ids, a.id)
     return st.adapter(target) if target else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,21 @@ from .errors import ModelError, RecipeError, SleepError
 from .home import open_home
 from .losses import abs_reward, divergence, group_advantages, lti_reward, policy_gradient_loss, sequence_logps
 from .models import OFFLINE_MODELS, compare_tokenizers, load_model
-from .prompts import entity_prompts, parse_questions, question_request, render, user_turns
+from .prompts import (
+    entity_prompts,
+    parse_questions,
+    question_request,
+    render,
+    restatement,
+    restatement_prompts,
+    user_turns,
+)
 from .recipe import Recipe, load_recipe
 from .records import Probe, Trace
 from .runs import (
     TrainState,
     apply_stack,
+    config_hash,
     find_resumable,
     latest_checkpoint,
     lineage,
@@ -201,22 +211,31 @@ def build_data(
             if p not in seen and p not in user_heldout:  # held-out probes never train
                 seen.add(p)
                 prompts.append((t, p))
-    if not prompts:
-        raise SleepError("no training prompts could be made from the pending memories")
     t_text = [render(t_tok, sysp, p, [t.text]) for t, p in prompts]
-    answers = [t_engine.generate(t_text, temperature=0.0, seed=seed, **gen).texts]
-    for k in range(1, d.teacher_samples):
+    answers = [t_engine.generate(t_text, temperature=0.0, seed=seed, **gen).texts] if prompts else []
+    for k in range(1, d.teacher_samples if prompts else 0):
         answers.append(
             t_engine.generate(t_text, temperature=recipe.loss.teacher_temperature, seed=seed + 10 + k, **gen).texts
         )
-    examples = []
+    # Restatements: the teacher does not write these answers, it scores them. The output is the memory
+    # itself (GKD's fixed-output data), so a weak teacher cannot drift from the facts.
+    examples = [
+        Example(t.id, p, [restatement(t)])
+        for t in traces
+        for p in restatement_prompts(t.text, d.restatements)
+        if p not in user_heldout
+    ]
     for i, (t, p) in enumerate(prompts):
-        samples = list(dict.fromkeys(a[i] for a in answers if a[i].strip()))
+        # An answer that is not grounded in the memory is the teacher inventing: never teach it.
+        samples = list(
+            dict.fromkeys(a[i] for a in answers if a[i].strip() and (not d.grounded_only or grounded(a[i], t.text)))
+        )
         if samples:
             examples.append(Example(t.id, p, samples))
     if not examples:
         raise SleepError(
-            "the teacher gave no usable answer to any prompt", hint="check the teacher model; a bigger teacher helps"
+            "no training example could be made from the pending memories",
+            hint="check the teacher model (a bigger teacher helps) and the data section of the recipe",
         )
     return examples, probes
 
@@ -269,7 +288,22 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     def teacher_ctx():
         return model.disable_adapter() if t_model is None else _nullctx()
 
+    # Teacher data depends only on the memories, the teacher and the data knobs: cached per home, so
+    # re-seeding the same memories with other loss settings does not pay for generation again.
+    data_key = config_hash(
+        {
+            "mem": mem_ids,
+            "teacher": cfg.model_name(cfg.teacher),
+            "student": student_name,
+            "data": cfg.data.model_dump(),
+            "t_temp": lc.teacher_temperature,
+            "seed": tr.seed,
+        }
+    )
+    cached = h.root / "datasets" / f"{data_key}.json"
     data_path = rf.path / "data.json"
+    if not data_path.exists() and cached.exists():
+        shutil.copyfile(cached, data_path)
     if data_path.exists():
         examples = [Example(**e) for e in json.loads(data_path.read_text())["examples"]]
     else:
@@ -280,11 +314,12 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
         with st.transaction() as db:
             for p in probes:
                 st.insert_probe(db, p)
-        tmp = data_path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"examples": [e.__dict__ for e in examples], "probes": [p.model_dump() for p in probes]})
-        )
-        os.replace(tmp, data_path)
+        payload = json.dumps({"examples": [e.__dict__ for e in examples], "probes": [p.model_dump() for p in probes]})
+        for dest in (data_path, cached):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(".tmp")
+            tmp.write_text(payload)
+            os.replace(tmp, dest)
 
     opt, sched = make_optimizer(model, cfg.optim, tr.max_steps)
     start, resumed_from = 0, None
@@ -467,12 +502,14 @@ def _lti_loss(model, engine, tok, batch: list[Example], s_prompts: list[str], cf
         words = rng.choice(batch[i].samples).split()
         k = rng.randint(0, len(words) // 2)
         prefix = " ".join(words[:k])
-        prompts.append(s_prompts[i] + prefix + (" " if k else ""))
+        prompts.append(s_prompts[i] + prefix)
         targets.append(" ".join(words[k:]))
     t0 = time.time()
+    # the continuation need not run much past the target: cheaper rollouts, same reward
+    budget = min(cfg.data.max_new_tokens, max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in targets) + 8)
     ro = engine.generate(
         prompts,
-        max_new_tokens=cfg.data.max_new_tokens,
+        max_new_tokens=budget,
         temperature=lc.temperature,
         num_samples=G,
         seed=rng.randrange(2**31),

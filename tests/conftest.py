@@ -68,6 +68,7 @@ def write_recipe(path: Path, model: str, teacher: str = "self", **sections) -> P
             "probes_per_memory": 1,
             "teacher_samples": 1,
             "max_new_tokens": 6,
+            "grounded_only": False,  # random weights ground nothing
         },
         "loss": {"alpha": 0.8, "num_generations": 2, "lmbda": 0.5, "lmbda_warmup_steps": 2, "gamma": 0.0},
         "training": {"max_steps": 4, "batch_size": 2, "checkpoint_every": 2, "device": "cpu"},

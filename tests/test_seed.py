@@ -89,8 +89,23 @@ def test_second_night_stacks_on_frozen_first(home, tmp_path, tiny_dir, small_mem
         a2 = st.adapter(second.adapter_id)
         assert a2.parent_id == first.adapter_id and [a.version for a in lineage(st, a2.id)] == [1, 2]
         assert rollback(st).id == first.adapter_id and st.current_adapter_id() == first.adapter_id
-        assert rollback(st, "v2").id == second.adapter_id
+        assert st.counts()["pending"] == 2  # the rolled-back night's memories wait for the next seed
+        assert rollback(st, "v2").id == second.adapter_id and st.counts()["pending"] == 0
         assert rollback(st, "base") is None and st.current_adapter_id() is None
+        assert st.counts()["pending"] == 5
+
+
+def test_reseed_after_rollback_reuses_teacher_data(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    first = seed(str(recipe), home=home, show_progress=False)
+    r = cli("adapters", "rollback", "--home", str(home), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["current"] is None
+    again = seed(str(recipe), home=home, show_progress=False, overrides={"loss.divergence": "forward_kl"})
+    assert again.adapter_version == 2 and again.memories == 3
+    a = json.loads((Path(first.run_dir) / "data.json").read_text())
+    b = json.loads((Path(again.run_dir) / "data.json").read_text())
+    assert a == b  # same memories, teacher and data knobs: the cached teacher data, not a new draw
 
 
 def test_resume_matches_straight_run(tmp_path, tiny_dir, small_memories, monkeypatch):
