@@ -22,8 +22,9 @@ from rich.table import Table
 
 from sleepctl import record
 from sleepctl.evaluate import evaluate
+from sleepctl.memories import open_store
 from sleepctl.recipe import parse_overrides
-from sleepctl.seed import seed
+from sleepctl.seed import SeedResult, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,19 +46,35 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--out", default=str(ROOT / ".bench"))
     ap.add_argument("--name", help="name of the result file (default: recipe and time)")
+    ap.add_argument("--home", help="reuse this home: an unfinished seed resumes, a finished one is evaluated")
+    ap.add_argument("--no-eval", action="store_true", help="stop after seeding (a later call with --home evaluates)")
     args = ap.parse_args()
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     name = args.name or f"{Path(args.recipe).stem}-{stamp}"
     out = Path(args.out)
-    home = out / name / "home"
+    home = Path(args.home) if args.home else out / name / "home"
     ov = parse_overrides(args.overrides)
     con = Console(stderr=True)
 
     t0 = time.time()
-    rec = record([args.memories], home=home)
+    record([args.memories], home=home)
     s = seed(args.recipe, home=home, teacher=args.teacher, student=args.student, overrides=ov)
-    seed_wall = time.time() - t0
+    if s.status == "nothing":  # seeded by an earlier call on this home: report that run
+        with open_store(home) as st:
+            run = st.run(st.adapter(st.current_adapter_id()).run_id)
+        s = SeedResult(
+            status="done",
+            message="",
+            run_id=run.id,
+            run_dir=run.dir,
+            **{k: run.summary[k] for k in ("wall_s", "peak_memory_mb", "steps") if k in run.summary},
+        )
+    seed_wall = s.wall_s if s.wall_s else time.time() - t0
+    n_memories = len(json.loads((Path(s.run_dir) / "memory_ids.json").read_text()))
+    if args.no_eval:
+        con.print(f"seeded {n_memories} memories in {seed_wall:.0f} s; run {s.run_id}")
+        return
     rows = [json.loads(x) for x in (Path(s.run_dir) / "metrics.jsonl").read_text().splitlines()]
     train_tps = statistics.mean(r["tokens_per_second"] for r in rows if r.get("tokens_per_second"))
     ro = [r["rollout/tokens_per_s"] for r in rows if r.get("rollout/tokens_per_s")]
@@ -74,7 +91,7 @@ def main() -> None:
         "memories_file": args.memories,
         "machine": machine(),
         "student": ev.student,
-        "memories": len(rec.added),
+        "memories": n_memories,
         "heldout_probes": ev.probes_new,
         "recall": {m: {"contains": x.contains, "f1": x.f1, "judge": x.judge} for m, x in get.items()},
         "perplexity": ev.perplexity,
@@ -99,7 +116,7 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2))
 
     t = Table(
-        title=f"sleepctl bench: {args.recipe} on {Path(args.memories).name} ({len(rec.added)} memories, "
+        title=f"sleepctl bench: {args.recipe} on {Path(args.memories).name} ({n_memories} memories, "
         f"{ev.probes_new} held-out probes), {machine()}"
     )
     for c in ("method", "contains", "F1", "judge", "general ppl", "ppl change"):

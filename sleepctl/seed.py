@@ -405,14 +405,18 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
                 gn = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
                 )
-                opt.step()
+                if torch.isfinite(gn):
+                    opt.step()
+                else:  # a non-finite gradient (bf16 overflow) would poison the adapter: skip, as AMP does
+                    m["skipped"] = 1
+                    opt.zero_grad(set_to_none=True)
                 sched.step()
                 completed = step + 1
                 dt = time.time() - t0
                 m.update(
                     {
                         "loss": loss.item(),
-                        "grad_norm": float(gn),
+                        "grad_norm": float(gn) if torch.isfinite(gn) else None,
                         "lr": sched.get_last_lr()[0],
                         "step_s": dt,
                         "tokens_per_second": m.get("train/tokens", 0) / dt if dt else 0.0,
