@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from sleepctl import record
-from sleepctl.evaluate import evaluate
+from sleepctl.dream import dream
+from sleepctl.evaluate import EvalReport, evaluate
 from sleepctl.memories import open_store
 from sleepctl.recipe import parse_overrides
 from sleepctl.seed import SeedResult, seed
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--name", help="name of the result file (default: recipe and time)")
     ap.add_argument("--home", help="reuse this home: an unfinished seed resumes, a finished one is evaluated")
     ap.add_argument("--no-eval", action="store_true", help="stop after seeding (a later call with --home evaluates)")
+    ap.add_argument("--no-dream", action="store_true", help="skip the dream step and its seed+dream row")
     args = ap.parse_args()
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -60,9 +62,10 @@ def main() -> None:
     t0 = time.time()
     record([args.memories], home=home)
     s = seed(args.recipe, home=home, teacher=args.teacher, student=args.student, overrides=ov)
+    with open_store(home) as st:
+        seed_adapter = [a for a in st.adapters() if a.kind == "seed"][-1]
+        run = st.run(seed_adapter.run_id)
     if s.status == "nothing":  # seeded by an earlier call on this home: report that run
-        with open_store(home) as st:
-            run = st.run(st.adapter(st.current_adapter_id()).run_id)
         s = SeedResult(
             status="done",
             message="",
@@ -79,8 +82,34 @@ def main() -> None:
     train_tps = statistics.mean(r["tokens_per_second"] for r in rows if r.get("tokens_per_second"))
     ro = [r["rollout/tokens_per_s"] for r in rows if r.get("rollout/tokens_per_s")]
     t1 = time.time()
-    ev = evaluate(home=home, baselines=True, keep_outputs=True)
+    saved = Path(run.dir) / "eval.json"
+    ev = EvalReport.model_validate_json(saved.read_text()) if saved.exists() else None
+    if ev is None or "naive-sft" not in ev.perplexity:  # an evaluation with the baseline is reused, not redone
+        ev = evaluate(seed_adapter.id, home=home, baselines=True, keep_outputs=True)
     eval_wall = time.time() - t1
+    dream_row = None
+    if not args.no_dream:
+        t2 = time.time()
+        d = dream(args.recipe, home=home, overrides=ov)
+        dream_wall = time.time() - t2
+        if d.adapter_id:
+            dv = evaluate(d.adapter_id, home=home, keep_outputs=True)
+            dm = next(m for m in dv.methods if m.method == "sleep" and m.group == "new")
+            dream_row = {
+                "contains": dm.contains,
+                "f1": dm.f1,
+                "judge": dm.judge,
+                "ppl": dv.perplexity.get("sleep"),
+                "made_current": d.made_current,
+                "message": d.message,
+                "wall_s": dream_wall,
+                "dreams": d.dreams,
+                "kept": d.kept,
+                "rewarded": d.rewarded,
+                "probes": dv.probes_new,
+            }
+        else:
+            dream_row = {"message": d.message, "wall_s": dream_wall}
     get = {m.method: m for m in ev.methods if m.group == "new"}
     base_ppl = ev.perplexity["base"]
     label = {"base": "base (closed-book)", "in-context": "in-context", "naive-sft": "naive SFT", "sleep": "seed"}
@@ -105,6 +134,7 @@ def main() -> None:
             "run_dir": s.run_dir,
         },
         "naive_sft": ev.baseline,
+        "seed_dream": dream_row,
         "eval_wall_s": eval_wall,
         "samples": {
             m: [{"q": r.question, "ref": r.reference, "out": r.output, "contains": r.contains} for r in x.results[:5]]
@@ -133,7 +163,19 @@ def main() -> None:
                 "-" if p is None else f"{p:.2f}",
                 "-" if p is None else f"{100 * (p / base_ppl - 1):+.1f}%",
             )
+    if dream_row and "contains" in dream_row:
+        p = dream_row["ppl"]
+        t.add_row(
+            "seed + dream" + ("" if dream_row["made_current"] else " (not current)"),
+            f"{100 * dream_row['contains']:.1f}%",
+            f"{dream_row['f1']:.3f}",
+            "-" if dream_row["judge"] is None else f"{100 * dream_row['judge']:.1f}%",
+            "-" if p is None else f"{p:.2f}",
+            "-" if p is None else f"{100 * (p / base_ppl - 1):+.1f}%",
+        )
     Console().print(t)
+    if dream_row:
+        con.print(f"dream: {dream_row['message']} ({dream_row['wall_s']:.0f} s)")
     c = Table(title="cost")
     c.add_column("what")
     c.add_column("value", justify="right")

@@ -230,6 +230,36 @@ def seed(
     emit(res, as_json, human)
 
 
+@app.command()
+def dream(
+    recipe: str | None = RecipeOpt,
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop cleanly after this many minutes."),
+    max_dreams: int | None = typer.Option(None, "--max-dreams", help="Write at most this many dreams."),
+    overrides: list[str] = SetOpt,
+    home: str | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Rehearse recent memories on self-written dreams (ReST-EM); safe to run nightly from cron."""
+    from .dream import dream as api_dream
+    from .recipe import parse_overrides
+
+    if max_minutes is not None and max_minutes <= 0:
+        raise UsageError("--max-minutes must be positive")
+    if max_dreams is not None and max_dreams < 1:
+        raise UsageError("--max-dreams must be at least 1")
+    res = api_dream(
+        recipe,
+        home=home,
+        max_minutes=max_minutes,
+        max_dreams=max_dreams,
+        overrides=parse_overrides(overrides),
+        show_progress=not as_json,
+    )
+    emit(res, as_json, lambda r: out.print(r.message))
+    if res.exit_code:
+        raise typer.Exit(res.exit_code)
+
+
 @adapters_app.command("list")
 def adapters_list(home: str | None = HomeOpt, as_json: bool = JsonOpt) -> None:
     """Adapter versions, newest last; * marks the current one."""
@@ -378,8 +408,8 @@ def eval_cmd(
         False, "--baselines", help="Also train and score naive SFT on the raw traces at the same budget."
     ),
     per_memory: bool = typer.Option(False, "--per-memory", help="Show recall per memory."),
-    compare: list[str] | None = typer.Option(
-        None, "--compare", help="Two runs or adapters to put side by side (reads their saved reports)."
+    compare: tuple[str, str] | None = typer.Option(
+        None, "--compare", help="Two runs or adapters to put side by side: --compare A B (reads their saved reports)."
     ),
     recipe: str | None = RecipeOpt,
     student: str | None = typer.Option(
@@ -393,9 +423,7 @@ def eval_cmd(
     from .evaluate import compare_reports, evaluate
     from .recipe import parse_overrides
 
-    if compare:
-        if len(compare) != 2:
-            raise UsageError("--compare takes two runs or adapters: --compare A --compare B")
+    if compare and any(compare):
         rows = compare_reports(compare[0], compare[1], home=home)
 
         def human(rows) -> None:

@@ -49,7 +49,12 @@ class HFEngine:
             self.tok.padding_side = "left"
             enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             # explicit: a model's generation_config (Qwen: top_k 20, repetition penalty) must not change the policy
-            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id, eos_token_id=eos, repetition_penalty=1.0)
+            kwargs = dict(
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tok.pad_token_id,
+                eos_token_id=eos,
+                repetition_penalty=1.0,
+            )
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
             else:

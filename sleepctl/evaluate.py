@@ -25,7 +25,7 @@ from .errors import ModelError, SleepError
 from .home import open_home
 from .models import load_model
 from .prompts import render
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, set_key
 from .records import Adapter, Probe, Trace
 from .runs import apply_stack, lineage, seed_everything
 from .scoring import contains_match, token_f1
@@ -216,11 +216,7 @@ def evaluate(
         elif overrides:
             raw = cfg.model_dump()
             for k, v in overrides.items():
-                d = raw
-                *head, last = k.split(".")
-                for x in head:
-                    d = d[x]
-                d[last] = v
+                set_key(raw, k, v)
             cfg = Recipe.model_validate(raw)
         student_name = cfg.model_name(student or cfg.student)
         if a is not None and a.base_model != student_name:

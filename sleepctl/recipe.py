@@ -87,6 +87,28 @@ class Eval(Strict):
     judge_threshold: float = Field(0.75, ge=0.0, le=1.0)
 
 
+class Dream(Strict):
+    dreams_per_memory: int = Field(4, ge=1, le=64, description="m: dreams written per memory")
+    kinds: list[Literal["implication", "qa", "rephrase", "combine"]] = ["implication", "qa", "rephrase", "combine"]
+    temperature: float = Field(0.9, gt=0.0, le=2.0, description="diversity of the dreams")
+    adapter_dropout: float = Field(
+        0.3, ge=0.0, le=1.0, description="share of dreams written without the newest adapter"
+    )
+    max_new_tokens: int = Field(64, ge=8, le=1024)
+    top_k: int = Field(2, ge=0, le=64, description="dreams kept per memory by gradient score")
+    random_b: int = Field(1, ge=0, le=64, description="dreams kept per memory at random, beside the top k")
+    inner_steps: int = Field(2, ge=1, le=50, description="SFT steps of the isolated temporary LoRA per dream")
+    inner_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    reward_margin: float = Field(0.0, ge=0.0, description="probe NLL drop (nats/token) a dream must bring")
+    replay_fraction: float = Field(0.5, ge=0.0, le=4.0, description="older memories replayed per recent one")
+    train_steps: int = Field(20, ge=1, description="ReST-EM steps on rewarded dreams plus replay")
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    checkpoint_every: int = Field(5, ge=1)
+    max_minutes: float | None = Field(None, gt=0.0, description="stop cleanly after this long")
+    max_dreams: int | None = Field(None, ge=1, description="at most this many dreams per run")
+
+
 class Recipe(Strict):
     description: str = ""
     profiles: dict[str, Profile]
@@ -99,6 +121,7 @@ class Recipe(Strict):
     optim: Optim = Optim()
     training: Training = Training()
     eval: Eval = Eval()
+    dream: Dream = Dream()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -129,7 +152,7 @@ def recipe_path(name_or_path: str | Path | None) -> Path:
     return cand
 
 
-def _set(d: dict, dotted: str, value: Any) -> None:
+def set_key(d: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
         d = d.setdefault(k, {})
@@ -158,7 +181,7 @@ def load_recipe(name_or_path: str | Path | None = None, overrides: dict[str, Any
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
     for k, v in (overrides or {}).items():
-        _set(raw, k, v)
+        set_key(raw, k, v)
     try:
         return Recipe.model_validate(raw), path
     except ValidationError as e:

@@ -284,5 +284,6 @@ def rollback(st: Store, ref: str | None = None) -> Adapter | None:
             if row[0] not in keep:
                 st.mark_pending(db, row[0])
         for a in stack:
-            st.mark_consolidated(db, a.trace_ids, a.id)
+            if a.kind != "dream":  # a dream rehearses memories that a seed adapter holds
+                st.mark_consolidated(db, a.trace_ids, a.id)
     return st.adapter(target) if target else None

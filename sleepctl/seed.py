@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class SeedResult(BaseModel):
     memories: int = 0
     steps: int = 0
     resumed_from: int | None = None
+    tokenizers: str | None = None  # identical | different (teacher vs student)
     wall_s: float = 0.0
     peak_memory_mb: float = 0.0
     final: dict[str, Any] = {}
@@ -277,7 +279,7 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     seed_everything(tr.seed)
 
     s_model, s_tok, _stack = load_student(st, cfg)
-    t_model, t_tok, _match = load_teacher(cfg, s_tok)
+    t_model, t_tok, tok_match = load_teacher(cfg, s_tok)
     device = next(s_model.parameters()).device
     student_name = cfg.model_name(cfg.student)
 
@@ -286,7 +288,7 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     s_engine = make_engine(cfg.engine, model, s_tok, cfg.eval.batch_size)
 
     def teacher_ctx():
-        return model.disable_adapter() if t_model is None else _nullctx()
+        return model.disable_adapter() if t_model is None else nullcontext()
 
     # Teacher data depends only on the memories, the teacher and the data knobs: cached per home, so
     # re-seeding the same memories with other loss settings does not pay for generation again.
@@ -456,6 +458,7 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
         "peak_memory_mb": peak,
         "examples": len(examples),
         "memories": len(pending),
+        "tokenizers": tok_match,
     }
     try:
         a = publish_adapter(
@@ -486,6 +489,7 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
         memories=len(pending),
         steps=tr.max_steps,
         resumed_from=resumed_from,
+        tokenizers=tok_match,
         wall_s=wall,
         peak_memory_mb=peak,
         final=last,
@@ -536,11 +540,3 @@ def _lti_loss(model, engine, tok, batch: list[Example], s_prompts: list[str], cf
         "rollout_tokens": ro.num_tokens,
         "rollout_s": rollout_s,
     }
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

@@ -61,7 +61,7 @@ def test_retention_after_second_sleep_and_compare(home, tmp_path, seeded):
     groups = {(m.method, m.group) for m in r.methods}
     assert ("sleep", "retention") in groups and ("base", "retention") in groups
     assert r.probes_retention >= 6
-    out = cli("eval", "--compare", first.run_id, "--compare", "v2", "--home", str(home), "--json")
+    out = cli("eval", "--compare", first.run_id, "v2", "--home", str(home), "--json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert any(x["method"] == "sleep" and x["a_contains"] is not None and x["b_contains"] is not None for x in rows)
@@ -84,8 +84,10 @@ def test_bad_eval_inputs(home, seeded, tmp_path, tiny_other_tok_dir):
     assert r.returncode == 1 and b"no adapter 'nope123'" in r.stderr
     with pytest.raises(ModelError, match="was trained on"):
         evaluate(home=home, student=str(tiny_other_tok_dir))
-    r = cli("eval", "--compare", "v1", "--home", str(home))
-    assert r.returncode == 2
+    r = cli("eval", "--home", str(home), "--compare", "v1")
+    assert r.returncode == 2 and b"requires 2 arguments" in r.stderr
+    r = cli("eval", "--compare", "v1", "v9", "--home", str(home))
+    assert r.returncode == 1 and b"no adapter 'v9'" in r.stderr
     r = cli("eval", "--home", str(tmp_path / "nohome"))
     assert r.returncode == 1 and b"no sleepctl home" in r.stderr
 

@@ -30,7 +30,7 @@ def test_seed_writes_adapter_registry_and_marks_memories(home, tmp_path, tiny_di
     record([small_memories], home=home)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
     res = seed(str(recipe), home=home, show_progress=False)
-    assert res.status == "done" and res.adapter_version == 1 and res.steps == 4
+    assert res.status == "done" and res.adapter_version == 1 and res.steps == 4 and res.tokenizers == "identical"
     rows = _metrics(res.run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(

@@ -1,0 +1,158 @@
+"""dream on tiny models: the phases, the lock, the time budget, resume after SIGKILL, and regressions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sleepctl import record
+from sleepctl.dream import dream, dream_lock
+from sleepctl.errors import LockedError
+from sleepctl.home import open_home
+from sleepctl.memories import open_store
+from sleepctl.seed import seed
+
+from .conftest import cli, write_recipe
+
+DREAM = {
+    "dreams_per_memory": 3,
+    "max_new_tokens": 8,
+    "top_k": 1,
+    "random_b": 1,
+    "train_steps": 4,
+    "batch_size": 2,
+    "checkpoint_every": 2,
+}
+
+
+@pytest.fixture
+def seeded(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, dream=DREAM)
+    first = seed(str(recipe), home=home, show_progress=False)
+    return first, recipe
+
+
+def test_nothing_to_dream_about(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, dream=DREAM)
+    r = cli("dream", "--recipe", str(recipe), "--home", str(home))
+    assert r.returncode == 0 and b"nothing to dream about" in r.stdout
+
+
+def test_dream_end_to_end(home, seeded):
+    first, recipe = seeded
+    res = dream(str(recipe), home=home, show_progress=False)
+    assert res.status in ("done", "not-current"), res.message
+    assert res.dreams > 0 and res.kept > 0 and res.rewarded > 0 and res.steps == 4
+    run = Path(open_store(home).run(res.run_id).dir)
+    for f in ("dreams.json", "scores.json", "rewards.json", "metrics.jsonl", "summary.json"):
+        assert (run / f).exists(), f
+    dreams = json.loads((run / "dreams.json").read_text())
+    assert {d["kind"] for d in dreams} <= {"implication", "qa", "rephrase", "combine"}
+    assert len(json.loads((run / "scores.json").read_text())) == len(dreams)
+    with open_store(home) as st:
+        a = st.adapter(res.adapter_id)
+        assert a.kind == "dream" and a.parent_id == first.adapter_id and a.version == 2
+        assert (st.current_adapter_id() == a.id) == res.made_current
+        assert st.counts()["pending"] == 0  # a dream adds no memories and re-pends none
+    assert (home / "logs" / "dream.log").read_text().count("dream run") == 1
+
+
+def test_second_run_refused_while_locked(home, seeded):
+    _, recipe = seeded
+    with dream_lock(open_home(home)):
+        r = cli("dream", "--recipe", str(recipe), "--home", str(home))
+        with pytest.raises(LockedError):
+            dream(str(recipe), home=home, show_progress=False)
+    assert r.returncode == 75 and b"another dream run holds" in r.stderr
+
+
+def test_time_budget_stops_cleanly_then_resumes(home, seeded):
+    first, recipe = seeded
+    r = cli("dream", "--recipe", str(recipe), "--home", str(home), "--max-minutes", "0.00001", "--json")
+    assert r.returncode == 4, r.stderr.decode()[-1500:]
+    assert json.loads(r.stdout)["status"] == "stopped"
+    with open_store(home) as st:
+        assert st.current_adapter_id() == first.adapter_id
+    res = dream(str(recipe), home=home, show_progress=False)
+    assert res.status in ("done", "not-current") and res.steps == 4
+    with open_store(home) as st:
+        assert len(st.runs("dream")) == 1  # the same run, continued
+
+
+def test_sigkill_midway_then_rerun_ends_with_valid_current(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, dream={**DREAM, "train_steps": 40, "checkpoint_every": 2})
+    seed(str(recipe), home=home, show_progress=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sleepctl.cli", "dream", "--recipe", str(recipe), "--home", str(home)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ck = list((home / "runs").glob("dream_*/checkpoints.jsonl"))
+        if ck and ck[0].read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = cli("dream", "--recipe", str(recipe), "--home", str(home), "--json", "--set", "dream.train_steps=40")
+    assert r.returncode in (0, 3), r.stderr.decode()[-1500:]
+    res = json.loads(r.stdout)
+    assert res["steps"] == 40
+    with open_store(home) as st:
+        cur = st.adapter(st.current_adapter_id())
+        assert (Path(cur.path) / "adapter_model.safetensors").exists()
+        assert [x.status for x in st.runs("dream")] == ["done"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), cur.path)
+
+
+def test_regression_is_kept_but_not_current(home, seeded, monkeypatch):
+    first, recipe = seeded
+    import sleepctl.dream as d
+
+    calls = iter([0.5, 0.5, 0.25, 0.5])  # before: recall, retention; after: recall drops
+
+    monkeypatch.setattr(d, "_recall", lambda *a, **k: next(calls))
+    res = dream(str(recipe), home=home, show_progress=False)
+    assert res.status == "not-current" and res.exit_code == 3 and "recall 50% -> 25%" in res.message
+    with open_store(home) as st:
+        assert st.current_adapter_id() == first.adapter_id
+        assert st.adapter(res.adapter_id).kind == "dream"  # kept, available to `adapters use`
+
+
+def test_bad_dream_flags(home, seeded):
+    _, recipe = seeded
+    r = cli("dream", "--recipe", str(recipe), "--home", str(home), "--max-minutes", "-1")
+    assert r.returncode == 2 and b"--max-minutes must be positive" in r.stderr
+
+
+def test_crontab_and_systemd_commands_are_valid_invocations():
+    """The scheduling examples call real commands with real flags."""
+    import re
+    import shlex
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "cron"
+    lines = (root / "crontab.txt").read_text() + (root / "sleepctl-sleep.service").read_text()
+    invocations = re.findall(r"bin/sleepctl ([^>;\n]+)", lines)
+    assert len(invocations) == 4
+    for inv in invocations:
+        r = cli(*shlex.split(inv), "--help")
+        assert r.returncode == 0, (inv, r.stderr)
+    timer = (root / "sleepctl-sleep.timer").read_text()
+    assert (
+        "OnCalendar=*-*-* 02:00:00" in timer
+        and "SuccessExitStatus=3 4" in (root / "sleepctl-sleep.service").read_text()
+    )
