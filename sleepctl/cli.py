@@ -296,6 +296,18 @@ def adapters_rollback(
     as_json: bool = JsonOpt,
 ) -> None:
     """Make an earlier adapter current. Nothing is deleted; roll forward with `adapters use`."""
+    _set_current(to, home, as_json)
+
+
+@adapters_app.command("use")
+def adapters_use(
+    to: str = typer.Argument(..., help="A version (v3) or id."), home: str | None = HomeOpt, as_json: bool = JsonOpt
+) -> None:
+    """Make any adapter version current."""
+    _set_current(to, home, as_json)
+
+
+def _set_current(to: str | None, home: str | None, as_json: bool) -> None:
     from .memories import open_store
     from .runs import rollback
 
@@ -305,23 +317,6 @@ def adapters_rollback(
         {"current": a.model_dump() if a else None},
         as_json,
         lambda _: out.print(f"current adapter: {f'v{a.version} ({a.id})' if a else 'none (base model)'}"),
-    )
-
-
-@adapters_app.command("use")
-def adapters_use(
-    to: str = typer.Argument(..., help="A version (v3) or id."), home: str | None = HomeOpt, as_json: bool = JsonOpt
-) -> None:
-    """Make any adapter version current."""
-    from .memories import open_store
-    from .runs import rollback
-
-    with open_store(home) as st:
-        a = rollback(st, to)
-    emit(
-        {"current": a.model_dump() if a else None},
-        as_json,
-        lambda _: out.print(f"current adapter: v{a.version} ({a.id})"),
     )
 
 

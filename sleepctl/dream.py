@@ -419,35 +419,10 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         (rf.path / "summary.json").write_text(
             json.dumps({**metrics, "adapter_id": a.id, "current": not worse}, indent=2)
         )
-        if worse:
-            why = ", ".join(f"{k} {100 * before[k]:.0f}% -> {100 * after[k]:.0f}%" for k in worse)
-            msg = f"adapter v{a.version} kept but not made current: held-out {why}"
-            log(msg)
-            return DreamResult(
-                status="not-current",
-                exit_code=EXIT_NOT_CURRENT,
-                message=msg,
-                run_id=rf.run.id,
-                adapter_id=a.id,
-                adapter_version=a.version,
-                memories=len(recent_ids),
-                replay=len(replay_ids),
-                dreams=len(dreams),
-                kept=len(kept),
-                rewarded=len(good),
-                steps=step,
-                before=before,
-                after=after,
-            )
-        msg = f"dreamt {len(dreams)} dreams, trained on {len(good)}: adapter v{a.version} is current"
-        log(msg)
-        return DreamResult(
-            status="done",
-            message=msg,
+        done = dict(
             run_id=rf.run.id,
             adapter_id=a.id,
             adapter_version=a.version,
-            made_current=True,
             memories=len(recent_ids),
             replay=len(replay_ids),
             dreams=len(dreams),
@@ -457,6 +432,14 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             before=before,
             after=after,
         )
+        if worse:
+            why = ", ".join(f"{k} {100 * before[k]:.0f}% -> {100 * after[k]:.0f}%" for k in worse)
+            msg = f"adapter v{a.version} kept but not made current: held-out {why}"
+            log(msg)
+            return DreamResult(status="not-current", exit_code=EXIT_NOT_CURRENT, message=msg, **done)
+        msg = f"dreamt {len(dreams)} dreams, trained on {len(good)}: adapter v{a.version} is current"
+        log(msg)
+        return DreamResult(status="done", message=msg, made_current=True, **done)
     except KeyboardInterrupt:
         st.update_run(rf.run.id, "interrupted", {})
         raise

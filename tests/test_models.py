@@ -37,9 +37,10 @@ def test_missing_and_bad_paths(tmp_path):
         resolve(str(tmp_path / "empty"))
 
 
-def test_uninstalled_alias_says_how_to_install(monkeypatch):
+def test_uninstalled_alias_says_how_to_install(monkeypatch, tmp_path):
     import sleepctl.models as m
 
+    monkeypatch.setenv("SLEEPCTL_CACHE", str(tmp_path))  # no assembled copy in an empty cache
     monkeypatch.setattr(m, "_package_dir", lambda name: None)
     with pytest.raises(ModelError, match="not installed") as e:
         m.offline_gguf("qwen2.5-coder-1.5b")
