@@ -376,6 +376,8 @@ def compare_reports(a: str, b: str, *, home: str | os.PathLike | None = None) ->
     """Two saved reports side by side, method by method."""
     h = open_home(home)
     with Store(h.db_path) as st:
+        for ref in (a, b):  # a mistyped name is the first thing to report
+            resolve_target(st, ref)
         ra, rb = load_report(st, a), load_report(st, b)
     keys = list(dict.fromkeys([(m.method, m.group) for m in ra.methods + rb.methods]))
     ma = {(m.method, m.group): m for m in ra.methods}
