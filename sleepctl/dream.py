@@ -37,6 +37,7 @@ from rich.console import Console
 
 from .engines import HFEngine
 from .errors import LockedError
+from .evaluate import answer
 from .home import Home, open_home
 from .models import load_model
 from .prompts import entities, render, restatement
@@ -507,14 +508,10 @@ def _write_dreams(
 
 @torch.no_grad()
 def _recall(model, tok, probes: list[Probe], cfg: Recipe) -> float | None:
+    """Held-out contains-match, answered exactly as `eval` answers (greedy, closed-book)."""
     if not probes:
         return None
-    eng = HFEngine(model, tok, cfg.eval.batch_size)
-    outs = eng.generate(
-        [render(tok, cfg.data.system_prompt, p.question) for p in probes],
-        max_new_tokens=cfg.eval.max_new_tokens,
-        temperature=0.0,
-    ).texts
+    outs = answer(model, tok, probes, cfg)
     return sum(contains_match(o, p.answer) for o, p in zip(outs, probes)) / len(probes)
 
 

@@ -108,3 +108,16 @@ def cli_json(*args: str, **kw):
     r = cli(*args, "--json", **kw)
     assert r.returncode == 0, r.stderr.decode()
     return json.loads(r.stdout)
+
+
+def wait_for_lines(home: Path, pattern: str, lines: int, timeout: float = 300) -> Path | None:
+    """Poll until a run file under home/runs matching `pattern` has `lines` lines; None on timeout."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = list((home / "runs").glob(pattern)) if (home / "runs").exists() else []
+        if found and len(found[0].read_text().splitlines()) >= lines:
+            return found[0]
+        time.sleep(0.2)
+    return None

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from sleepctl.home import open_home
 from sleepctl.memories import open_store
 from sleepctl.seed import seed
 
-from .conftest import cli, write_recipe
+from .conftest import cli, wait_for_lines, write_recipe
 
 DREAM = {
     "dreams_per_memory": 3,
@@ -97,12 +96,7 @@ def test_sigkill_midway_then_rerun_ends_with_valid_current(home, tmp_path, tiny_
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        ck = list((home / "runs").glob("dream_*/checkpoints.jsonl"))
-        if ck and ck[0].read_text().count("\n") >= 1:
-            break
-        time.sleep(0.2)
+    assert wait_for_lines(home, "dream_*/checkpoints.jsonl", 1), "no checkpoint appeared"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     r = cli("dream", "--recipe", str(recipe), "--home", str(home), "--json", "--set", "dream.train_steps=40")

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from sleepctl.errors import ModelError, SleepError
 from sleepctl.memories import open_store
 from sleepctl.seed import Interrupted, seed
 
-from .conftest import EXAMPLES, cli, write_recipe
+from .conftest import EXAMPLES, cli, wait_for_lines, write_recipe
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -147,15 +146,7 @@ def test_sigkill_then_same_command_resumes(home, tmp_path, tiny_dir, small_memor
     recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, training={"max_steps": 40, "checkpoint_every": 2})
     args = [sys.executable, "-m", "sleepctl.cli", "seed", "--recipe", str(recipe), "--home", str(home)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    ckpts = None
-    while time.time() < deadline:
-        found = list((home / "runs").glob("seed_*/checkpoints.jsonl")) if (home / "runs").exists() else []
-        if found and len(found[0].read_text().splitlines()) >= 2:
-            ckpts = found[0]
-            break
-        time.sleep(0.2)
-    assert ckpts is not None, "no checkpoint appeared"
+    assert wait_for_lines(home, "seed_*/checkpoints.jsonl", 2), "no checkpoint appeared"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with open_store(home) as st:
@@ -176,12 +167,7 @@ def test_ctrl_c_exits_130_and_resumes(home, tmp_path, tiny_dir, small_memories):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        m = list((home / "runs").glob("seed_*/metrics.jsonl")) if (home / "runs").exists() else []
-        if m and len(m[0].read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
+    assert wait_for_lines(home, "seed_*/metrics.jsonl", 2), "no step was logged"
     proc.send_signal(signal.SIGINT)
     _, errb = proc.communicate(timeout=120)
     assert proc.returncode == 130, errb.decode()[-2000:]
