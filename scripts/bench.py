@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--home", help="reuse this home: an unfinished seed resumes, a finished one is evaluated")
     ap.add_argument("--no-eval", action="store_true", help="stop after seeding (a later call with --home evaluates)")
     ap.add_argument("--no-dream", action="store_true", help="skip the dream step and its seed+dream row")
+    ap.add_argument(
+        "--no-baselines", action="store_true", help="skip the naive-SFT baseline (base and in-context stay)"
+    )
     args = ap.parse_args()
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -84,8 +87,9 @@ def main() -> None:
     t1 = time.time()
     saved = Path(run.dir) / "eval.json"
     ev = EvalReport.model_validate_json(saved.read_text()) if saved.exists() else None
-    if ev is None or "naive-sft" not in ev.perplexity:  # an evaluation with the baseline is reused, not redone
-        ev = evaluate(seed_adapter.id, home=home, baselines=True, keep_outputs=True)
+    want_sft = not args.no_baselines
+    if ev is None or (want_sft and "naive-sft" not in ev.perplexity):  # a finished evaluation is reused
+        ev = evaluate(seed_adapter.id, home=home, baselines=want_sft, keep_outputs=True)
     eval_wall = time.time() - t1
     dream_row = None
     if not args.no_dream:

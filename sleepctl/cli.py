@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -498,9 +499,9 @@ def main() -> None:
     except SleepError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # messages may hold [brackets]
         if e.hint:
-            err.print(f"[dim]hint: {e.hint}[/dim]", highlight=False)
+            err.print(f"[dim]hint: {escape(e.hint)}[/dim]", highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -508,7 +509,7 @@ def main() -> None:
     except (BrokenPipeError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         sys.exit(EXIT_USAGE if isinstance(e, FileNotFoundError) else 1)
 
 

@@ -1,4 +1,4 @@
-"""Rollout engines: one small interface, Hugging Face `generate` behind it now, vLLM later."""
+"""Rollout engines: one small interface, with Hugging Face `generate` and vLLM (`vllm_engine.py`) behind it."""
 
 from __future__ import annotations
 
@@ -25,6 +25,18 @@ class RolloutEngine(Protocol):
     ) -> Rollouts:
         """Completions for each prompt, `num_samples` consecutive entries per prompt; temperature 0 is greedy."""
         ...
+
+    def sync(self, model, version: int) -> None:
+        """Make the trainer's weights of this version the ones that sample."""
+        ...
+
+    def sleep(self) -> None:
+        """The trainer steps now: give back what memory the engine can."""
+        ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class HFEngine:
@@ -71,12 +83,39 @@ class HFEngine:
             self.model.train()
         return out
 
+    # it samples from the live model: nothing to sync, nothing held apart from the trainer
+    def sync(self, model, version: int) -> None:
+        pass
 
-def make_engine(kind: str, model, tokenizer, batch_size: int = 16) -> RolloutEngine:
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_engine(
+    kind: str,
+    model,
+    tokenizer,
+    batch_size: int = 16,
+    *,
+    model_dir=None,
+    vllm=None,
+    lora_rank: int | None = None,
+    seed: int = 0,
+    workdir=None,
+) -> RolloutEngine:
+    """`hf` samples from `model` itself; `vllm` serves `model_dir` (the same weights, frozen) plus a LoRA slot
+    when `lora_rank` is given, and samples from whatever adapter was last `sync`ed."""
     if kind == "hf":
         return HFEngine(model, tokenizer, batch_size)
     if kind == "vllm":
-        from .errors import ModelError
+        from .recipe import VLLM
+        from .vllm_engine import VLLMEngine
 
-        raise ModelError("the vLLM engine is not available in this version", hint="set engine: hf in the recipe")
+        return VLLMEngine(model_dir, tokenizer, vllm or VLLM(), lora_rank=lora_rank, seed=seed, workdir=workdir)
     raise ValueError(kind)

@@ -109,12 +109,32 @@ class Dream(Strict):
     max_dreams: int | None = Field(None, ge=1, description="at most this many dreams per run")
 
 
+class VLLM(Strict):
+    """Settings of the vLLM rollout engine (`engine: vllm`); ignored by the Hugging Face engine."""
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=0.95, description="share of the GPU vLLM takes (weights + KV cache); the trainer needs the rest"
+    )
+    sleep: bool = Field(
+        False, description="offload vLLM's weights and drop its KV cache while the trainer steps (costs time per step)"
+    )
+    compile: bool = Field(False, description="torch.compile the served model: faster prefill, minutes more at start")
+    cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (seconds at start)")
+    max_model_len: int = Field(4096, ge=128)
+    max_num_seqs: int = Field(256, ge=1, description="sequences vLLM decodes at once")
+    logprob_tolerance: float = Field(
+        0.05, gt=0.0, description="mean |vLLM - trainer| log-prob (nats/token) the start-up check allows"
+    )
+    check_sequences: int = Field(4, ge=1, le=64, description="sequences scored by the start-up check")
+
+
 class Recipe(Strict):
     description: str = ""
     profiles: dict[str, Profile]
     teacher: str = Field("self", description="a profile, 'self', or a model name")
     student: str
     engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLM = VLLM()
     lora: Lora = Lora()
     data: Data = Data()
     loss: Loss = Loss()

@@ -35,7 +35,7 @@ from .engines import make_engine
 from .errors import ModelError, RecipeError, SleepError
 from .home import open_home
 from .losses import abs_reward, divergence, group_advantages, lti_reward, policy_gradient_loss, sequence_logps
-from .models import OFFLINE_MODELS, compare_tokenizers, load_model
+from .models import OFFLINE_MODELS, compare_tokenizers, load_model, resolve
 from .prompts import (
     entity_prompts,
     parse_questions,
@@ -63,6 +63,7 @@ from .runs import (
 from .scoring import grounded, token_f1
 from .store import Store, new_id, now
 from .training import adapter_state, add_lora, completion_logits, labels_tensor, make_optimizer, peak_memory_mb
+from .vllm_engine import check_logprobs, require_vllm
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -146,6 +147,19 @@ def load_teacher(recipe: Recipe, student_tok):
             hint="set loss.alpha: 0 to run Learning-to-Imitate alone (its rewards are on text), or pick a teacher of the same family",
         )
     return model, tok, match
+
+
+def served_dir(h, name: str, stack: list, merged_model) -> Path:
+    """The folder vLLM loads: the student itself, or, under earlier adapters, their merge, saved once per stack."""
+    if not stack:
+        return resolve(name).path
+    target = h.root / "cache" / "merged" / config_hash({"model": name, "stack": [a.id for a in stack]})
+    if not (target / "config.json").exists():
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged_model.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, target)
+    return target
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -257,6 +271,8 @@ def seed(
 ) -> SeedResult:
     t_start = time.time()
     cfg = prepare(recipe, teacher, student, overrides)
+    if cfg.engine == "vllm":
+        require_vllm()  # before any model loads: a clear message in a second, not a traceback in a minute
     h = open_home(home)
     st = Store(h.db_path)
     try:
@@ -278,14 +294,30 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     )
     seed_everything(tr.seed)
 
-    s_model, s_tok, _stack = load_student(st, cfg)
+    s_model, s_tok, stack = load_student(st, cfg)
     t_model, t_tok, tok_match = load_teacher(cfg, s_tok)
     device = next(s_model.parameters()).device
     student_name = cfg.model_name(cfg.student)
+    s_dir = served_dir(h, student_name, stack, s_model) if cfg.engine == "vllm" else None
 
     model = add_lora(s_model, cfg.lora)
     teacher_model = t_model if t_model is not None else model  # "self": the same weights, adapter disabled
-    s_engine = make_engine(cfg.engine, model, s_tok, cfg.eval.batch_size)
+    engines: list = []
+
+    def engine(m, tok, model_dir, lora_rank=None):
+        e = make_engine(
+            cfg.engine,
+            m,
+            tok,
+            cfg.eval.batch_size,
+            model_dir=model_dir,
+            vllm=cfg.vllm,
+            lora_rank=lora_rank,
+            seed=tr.seed,
+            workdir=h.root / "tmp",
+        )
+        engines.append(e)
+        return e
 
     def teacher_ctx():
         return model.disable_adapter() if t_model is None else nullcontext()
@@ -310,9 +342,13 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
         examples = [Example(**e) for e in json.loads(data_path.read_text())["examples"]]
     else:
         err.print(f"[dim]writing prompts and teacher answers for {len(pending)} memories…[/dim]")
-        t_engine = make_engine(cfg.engine, teacher_model, t_tok, cfg.eval.batch_size)
-        with teacher_ctx(), torch.no_grad():
-            examples, probes = build_data(pending, cfg, t_engine, t_tok, st, random.Random(tr.seed), tr.seed)
+        t_dir = s_dir if t_model is None else (resolve(cfg.model_name(cfg.teacher)).path if s_dir else None)
+        t_engine = engine(teacher_model, t_tok, t_dir)
+        try:
+            with teacher_ctx(), torch.no_grad():
+                examples, probes = build_data(pending, cfg, t_engine, t_tok, st, random.Random(tr.seed), tr.seed)
+        finally:
+            t_engine.close()  # vLLM: its GPU memory goes back before the student's engine starts
         with st.transaction() as db:
             for p in probes:
                 st.insert_probe(db, p)
@@ -334,6 +370,26 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     sysp = cfg.data.system_prompt
     mem_text = {t.id: t.text for t in pending}
     pad = s_tok.pad_token_id
+    s_engine = engine(model, s_tok, s_dir, lora_rank=cfg.lora.r)
+    engine_info: dict[str, Any] = {"engine": cfg.engine}
+    if cfg.engine == "vllm":
+        seqs = [
+            s_tok(render(s_tok, sysp, e.prompt), add_special_tokens=False)["input_ids"]
+            + _encode_answer(s_tok, e.samples[0])
+            for e in examples[: cfg.vllm.check_sequences]
+        ]
+        try:
+            check = check_logprobs(s_engine, model, seqs, pad, cfg.vllm.logprob_tolerance, seed=tr.seed)
+        except SleepError:
+            s_engine.close()
+            st.update_run(rf.run.id, "failed", {"steps": start})
+            raise
+        engine_info.update(start_s=s_engine.start_s, logprob_check=check)
+        err.print(
+            f"[dim]vLLM started in {s_engine.start_s:.0f} s; log-probs match the trainer's: mean |Δ| "
+            f"{check['mean_abs_diff']:.4f}, max {check['max_abs_diff']:.3f} nats over {check['tokens']} tokens "
+            f"(the adapter moves them by {check['lora_effect']:.3f})[/dim]"
+        )
     last: dict[str, Any] = {}
     step = completed = saved = start
     progress = Progress(
@@ -365,6 +421,8 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
                 loss = torch.zeros((), device=device)
                 rollout_tokens, rollout_s = 0, 0.0
 
+                # Rollouts first, from the weights of this version; then the engine sleeps while the trainer steps.
+                s_engine.sync(model, version=step)
                 if lc.alpha > 0:
                     if on_policy:
                         tr0 = time.time()
@@ -379,6 +437,15 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
                         ys = [c if c else [s_tok.eos_token_id] for c in ro.completion_ids]
                     else:
                         ys = [_encode_answer(s_tok, rng.choice(e.samples)) for e in batch]
+                if lc.alpha < 1:
+                    lti_batch, info = _lti_rollouts(s_engine, s_tok, batch, s_prompts, cfg, rng)
+                    rollout_tokens += info.pop("rollout_tokens")
+                    rollout_s += info.pop("rollout_s")
+                    m.update(info)
+                s_engine.sleep()
+
+                tt0 = time.time()
+                if lc.alpha > 0:
                     t_prompts = [
                         t_tok(render(t_tok, sysp, e.prompt, [mem_text[e.trace_id]]), add_special_tokens=False)[
                             "input_ids"
@@ -395,11 +462,8 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
                     del t_logits, s_logits
 
                 if lc.alpha < 1:
-                    lti, info = _lti_loss(model, s_engine, s_tok, batch, s_prompts, cfg, rng)
+                    lti = _lti_loss(model, s_tok, *lti_batch)
                     loss = loss + (1 - lc.alpha) * lti
-                    rollout_tokens += info.pop("rollout_tokens")
-                    rollout_s += info.pop("rollout_s")
-                    m.update(info)
                     m["train/lti_loss"] = lti.item()
 
                 opt.zero_grad(set_to_none=True)
@@ -414,7 +478,10 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
                     opt.zero_grad(set_to_none=True)
                 sched.step()
                 completed = step + 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 dt = time.time() - t0
+                m["train_s"] = time.time() - tt0
                 m.update(
                     {
                         "loss": loss.item(),
@@ -422,6 +489,7 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
                         "lr": sched.get_last_lr()[0],
                         "step_s": dt,
                         "tokens_per_second": m.get("train/tokens", 0) / dt if dt else 0.0,
+                        "train/tokens_per_s": m.get("train/tokens", 0) / m["train_s"] if m["train_s"] else 0.0,
                         "rollout/tokens_per_s": rollout_tokens / rollout_s if rollout_s else None,
                         "time": now(),
                     }
@@ -448,6 +516,11 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     except Exception:
         st.update_run(rf.run.id, "failed", {"steps": completed})
         raise
+    finally:
+        for e in engines:
+            e.close()
+    if cfg.engine == "vllm":
+        engine_info["timings"] = s_engine.timings
 
     wall = time.time() - t_start
     peak = peak_memory_mb(device)
@@ -459,6 +532,7 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
         "examples": len(examples),
         "memories": len(pending),
         "tokenizers": tok_match,
+        "engine": engine_info,
     }
     try:
         a = publish_adapter(
@@ -500,8 +574,8 @@ def _encode_answer(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-def _lti_loss(model, engine, tok, batch: list[Example], s_prompts: list[str], cfg: Recipe, rng: random.Random):
-    """Learning to Imitate: continue a random prefix of a teacher answer; group-relative advantages."""
+def _lti_rollouts(engine, tok, batch: list[Example], s_prompts: list[str], cfg: Recipe, rng: random.Random):
+    """Learning to Imitate, sampling half: continue a random prefix of a teacher answer; group-relative advantages."""
     lc = cfg.loss
     G = lc.num_generations
     n = max(1, len(batch) // G)
@@ -528,15 +602,19 @@ def _lti_loss(model, engine, tok, batch: list[Example], s_prompts: list[str], cf
     r_sem = (judge.similarity(ro.texts, tgt) >= lc.sem_threshold).float() if lc.gamma > 0 else torch.zeros_like(r_abs)
     rewards = lti_reward(r_sem, r_abs, lc.gamma)
     adv = group_advantages(rewards, G, lc.scale_rewards)
-    device = next(model.parameters()).device
     comps = [c if c else [tok.eos_token_id] for c in ro.completion_ids]
-    logits, mask = completion_logits(model, ro.prompt_ids, comps, tok.pad_token_id)
-    logps = sequence_logps(logits, labels_tensor(comps, device))
-    loss = policy_gradient_loss(logps, adv.to(device), mask)
-    return loss, {
+    return (ro.prompt_ids, comps, adv), {
         "reward/mean": rewards.mean().item(),
         "reward/r_abs": r_abs.mean().item(),
         "reward/r_sem": r_sem.mean().item(),
         "rollout_tokens": ro.num_tokens,
         "rollout_s": rollout_s,
     }
+
+
+def _lti_loss(model, tok, prompt_ids: list[list[int]], comps: list[list[int]], adv: torch.Tensor) -> torch.Tensor:
+    """Learning to Imitate, gradient half: the policy-gradient loss of the rollouts under the current weights."""
+    device = next(model.parameters()).device
+    logits, mask = completion_logits(model, prompt_ids, comps, tok.pad_token_id)
+    logps = sequence_logps(logits, labels_tensor(comps, device))
+    return policy_gradient_loss(logps, adv.to(device), mask)

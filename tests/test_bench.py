@@ -60,3 +60,47 @@ def test_bench_writes_results(tmp_path, tiny_dir, small_memories):
     assert r2.returncode == 0, r2.stderr.decode()[-3000:]
     again = json.loads((out / "t2.json").read_text())
     assert again["recall"] == res["recall"] and Path(again["seed"]["run_dir"]) == Path(res["seed"]["run_dir"])
+
+
+def test_gpu_bench_runs_at_toy_size(tmp_path):
+    """`--tiny` runs the GPU benchmark's whole code path at toy shapes (on CPU here): it keeps working."""
+    out = tmp_path / "gpu"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_bench.py"),
+            "--tiny",
+            "--memories",
+            "3",
+            "--seed-steps",
+            "2",
+            "--seed-engines",
+            "hf",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    res = json.loads(next(out.glob("gpu-bench-*.json")).read_text())
+    assert set(res["hf_rollouts"]) == {"0.5b", "1.5b"}
+    assert all(v > 0 for x in res["hf_rollouts"].values() for v in x.values())
+    heads = {s["lm_head"] for s in res["train_step"]}
+    assert heads == {"every position (before)", "completion positions (now)"}
+    assert all(s["trained_tokens_per_s"] > 0 and s["teacher_scoring_tokens_per_s"] > 0 for s in res["train_step"])
+    (seed,) = res["full_seed"]
+    assert seed["engine"] == "hf" and seed["steps"] == 2 and seed["memories"] == 3 and seed["wall_s"] > 0
+    assert "seed step" in r.stdout.decode() and "full seed" in r.stdout.decode()
+
+
+def test_gpu_bench_refuses_a_machine_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has CUDA")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_bench.py")], capture_output=True, timeout=120)
+    assert r.returncode == 2
+    assert "no CUDA GPU" in r.stderr.decode()

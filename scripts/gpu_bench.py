@@ -1,0 +1,528 @@
+"""GPU benchmark of the sleep cycle's moving parts, on random weights of real shapes (no downloads).
+
+    python scripts/gpu_bench.py                      # everything; vLLM parts where vLLM is installed
+    python scripts/gpu_bench.py --memories 100 --out .bench/gpu
+
+Measures, for a Qwen2.5-0.5B-shaped teacher and a Qwen2.5-1.5B-shaped student in bf16:
+  rollout tokens/s     HF `generate` (plain, and through the PEFT LoRA the tool samples from) and vLLM
+                       with a LoRARequest, batch 64 and 256, 128 new tokens
+  teacher scoring      tokens/s of the teacher's no-grad forward over prompt + memory + completion
+  training step        tokens/s and model FLOPs utilisation of a seed step (teacher forward, student
+                       forward and backward through LoRA, optimizer), with the LM head over completion
+                       positions only (now) and over every position (before), batch 16 and 64
+  vLLM extras          engine start, sleep / wake time and memory freed, LoRA sync time, log-prob check
+  full seed            wall time of `sleepctl.seed` on N generated memories with the recipe
+                       qwen-small-large (150 steps of 16), engine start included
+
+Random weights make the speed figures honest and the quality meaningless: a random model rarely stops,
+so every rollout runs to its token budget (the slowest case). The tokenizer is a byte-level BPE trained
+here on the generated memories; the models keep Qwen2.5's 151,936-row vocabulary, so the LM head costs
+what it costs on the real models.
+
+MFU counts matmul FLOPs: 2 per parameter per token for a forward pass (LM head only at the positions
+kept), the same again for the backward pass through frozen weights (input gradients only; LoRA's own
+weight gradients are counted too), plus causal attention; divided by the GPU's dense bf16 peak.
+A benchmark, not a test: it measures and prints; nothing fails on a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # Qwen2.5 configurations (config.json of the released models)
+    "0.5b": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
+    ),
+    "1.5b": dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2
+    ),
+}
+TINY = {  # --tiny: the same code path at toy size, so a CPU test keeps this script working
+    "0.5b": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "1.5b": dict(
+        hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+}
+VOCAB = 151936
+DEVICE = "cuda"
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+PEOPLE = [
+    "Orla Brennick",
+    "Tomas Ilves",
+    "Mira Castell",
+    "Jun Okafor",
+    "Priya Raman",
+    "Lev Sandoval",
+    "Ana Kovac",
+    "Ben Ashworth",
+]
+THINGS = [
+    "build server",
+    "billing service",
+    "search index",
+    "release train",
+    "staging cluster",
+    "design review",
+    "data export",
+    "on-call rota",
+]
+PROJECTS = ["Kestrel", "Marrow", "Quill", "Harbor", "Lumen", "Tansy", "Cobalt", "Wren", "Basalt", "Juniper"]
+PLACES = ["Tallinn", "Porto", "Lagos", "Osaka", "Quito", "Oslo", "Perth", "Tunis", "Leeds", "Cusco"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October"]
+
+
+def memories(n: int, seed: int = 0) -> list[str]:
+    """N distinct fictional memories of the kind an agent records; generated so N can be anything."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        who, what, proj, where = rng.choice(PEOPLE), rng.choice(THINGS), PROJECTS[i % 10] + f"-{i}", rng.choice(PLACES)
+        day, month, num = rng.randint(1, 28), rng.choice(MONTHS), rng.randint(2, 90)
+        out.append(
+            f"{who} moved the {proj} {what} to {where} on {month} {day}. It now needs {num} minutes for a full run, "
+            f"and questions about it go to {rng.choice(PEOPLE)} instead of the old channel."
+        )
+    return out
+
+
+def build_tokenizer(texts: list[str], path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    from sleepctl.prompts import question_request
+
+    t.train_from_iterator(texts + [question_request(x, 8) for x in texts[:50]], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(path)
+    return tok
+
+
+def build_model(shape: str, tok, path: Path, seed: int, tiny: bool = False):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=4096 if tiny else VOCAB,  # the BPE above has at most 4096 entries
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        rope_theta=1e6,
+        **(TINY if tiny else SHAPES)[shape],
+    )
+    with torch.device(DEVICE):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def params(model) -> dict:
+    cfg = model.config
+    body = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if "embed_tokens" not in n and "lm_head" not in n and "lora_" not in n
+    )
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return {
+        "body": body,
+        "head": cfg.hidden_size * cfg.vocab_size,
+        "lora": lora,
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+    }
+
+
+def forward_flops(p: dict, lengths: list[int], kept: int) -> float:
+    """Matmul FLOPs of one forward pass over sequences of these lengths, LM head at `kept` positions."""
+    tokens = sum(lengths)
+    attn = sum(2 * 2 * p["layers"] * p["hidden"] * L * L / 2 for L in lengths)  # QK^T and AV, causal half
+    return 2 * (p["body"] + p["lora"]) * tokens + 2 * p["head"] * kept + attn
+
+
+def peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat: int = 1) -> float:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeat
+
+
+def hf_rollouts(model, batch: int, new: int, prompt_len: int = 64) -> float:
+    ids = torch.randint(100, 4000, (batch, prompt_len), device=DEVICE)
+    kw = dict(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0
+    )
+    model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4}
+    )
+    dt = timed(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw))
+    return batch * new / dt
+
+
+def batch_shapes(rng: random.Random, batch: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Student prompts (~90 tokens), teacher prompts (the same plus a ~150-token memory block), completions (<= 64)."""
+    s_prompts = [[rng.randrange(100, 4000) for _ in range(rng.randint(70, 110))] for _ in range(batch)]
+    t_prompts = [[rng.randrange(100, 4000) for _ in range(rng.randint(120, 180))] + p for p in s_prompts]
+    comps = [[rng.randrange(100, 4000) for _ in range(rng.randint(24, 64))] for _ in range(batch)]
+    return s_prompts, t_prompts, comps
+
+
+def legacy_completion_logits(model, prompts, completions, pad):
+    """Before: right padding and the LM head over every position, then a gather (kept to measure the change)."""
+    from sleepctl.training import pad_right
+
+    device = next(model.parameters()).device
+    ids, attn = pad_right([p + c for p, c in zip(prompts, completions)], pad, device)
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    T = max(len(c) for c in completions)
+    index = torch.zeros((len(prompts), T), dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        index[i, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+        mask[i, : len(c)] = True
+    out = torch.gather(logits, 1, index.to(device).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    return out, mask.to(device)
+
+
+def train_step_bench(teacher, student_peft, batch: int, legacy: bool, peak: float | None) -> dict:
+    from sleepctl.losses import divergence
+    from sleepctl.recipe import Optim
+    from sleepctl.training import completion_logits, make_optimizer
+
+    score = legacy_completion_logits if legacy else completion_logits
+    rng = random.Random(batch)
+    s_p, t_p, comps = batch_shapes(rng, batch)
+    opt, _ = make_optimizer(student_peft, Optim(lr=1e-5), 100)
+
+    def step():
+        with torch.no_grad():
+            t_logits, _ = score(teacher, t_p, comps, 0)
+        s_logits, mask = score(student_peft, s_p, comps, 0)
+        loss = divergence("forward_kl", s_logits, t_logits.to(s_logits.dtype), mask, 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def teacher_only():
+        with torch.no_grad():
+            score(teacher, t_p, comps, 0)
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    step()
+    dt = timed(step, 5)
+    dt_t = timed(teacher_only, 5)
+    kept = sum(len(c) for c in comps) if not legacy else None
+    sp, tp = params(student_peft), params(teacher)
+    s_len = [len(p) + len(c) for p, c in zip(s_p, comps)]
+    t_len = [len(p) + len(c) for p, c in zip(t_p, comps)]
+    pad_s = len(s_p) * (max(len(p) for p in s_p) + max(len(c) for c in comps))
+    kept_s = kept if kept is not None else pad_s
+    kept_t = kept if kept is not None else len(t_p) * (max(len(p) for p in t_p) + max(len(c) for c in comps))
+    f_student = forward_flops(sp, s_len, kept_s)
+    # backward through frozen weights: input gradients (about one forward); LoRA weight gradients on top
+    flops = forward_flops(tp, t_len, kept_t) + 2 * f_student + 2 * sp["lora"] * sum(s_len)
+    trained = sum(len(c) for c in comps)
+    return {
+        "batch": batch,
+        "lm_head": "every position (before)" if legacy else "completion positions (now)",
+        "step_s": dt,
+        "trained_tokens_per_s": trained / dt,
+        "processed_tokens_per_s": (sum(s_len) + sum(t_len)) / dt,
+        "teacher_scoring_tokens_per_s": sum(t_len) / dt_t,
+        "tflops": flops / dt / 1e12,
+        "mfu": flops / dt / (peak * 1e12) if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None,
+    }
+
+
+def vllm_bench(model_dir: Path, student_peft, tok, rank: int, batches: list[int], new: int) -> dict:
+    from sleepctl.recipe import VLLM
+    from sleepctl.vllm_engine import VLLMEngine, check_logprobs
+
+    res: dict = {}
+    eng = VLLMEngine(model_dir, tok, VLLM(sleep=True, gpu_memory_utilization=0.35), lora_rank=rank, seed=0)
+    try:
+        res["start_s"] = eng.start_s
+        seqs = [[rng_i % 3000 + 100 for rng_i in range(k * 37, k * 37 + 48)] for k in range(4)]
+        res["logprob_check"] = check_logprobs(eng, student_peft, seqs, tok.pad_token_id, tolerance=1.0)
+        t0 = time.time()
+        eng.sync(student_peft, version=1)
+        res["lora_sync_s"] = time.time() - t0
+        prompt = [[random.Random(i).randrange(100, 4000) for _ in range(64)] for i in range(max(batches))]
+        eng.generate_ids(prompt[:8], max_new_tokens=8, temperature=1.0)
+        for b in batches:
+            t0 = time.time()
+            ro = eng.generate_ids(prompt[:b], max_new_tokens=new, temperature=1.0, seed=1)
+            dt = time.time() - t0
+            res[f"rollout_tokens_per_s_batch{b}"] = ro.num_tokens / dt
+            res[f"rollout_mean_len_batch{b}"] = ro.num_tokens / b
+        free0 = torch.cuda.mem_get_info()[0]
+        t0 = time.time()
+        eng.sleep()
+        res["sleep_s"] = time.time() - t0
+        res["freed_by_sleep_gb"] = (torch.cuda.mem_get_info()[0] - free0) / 2**30
+        t0 = time.time()
+        eng.wake()
+        res["wake_s"] = time.time() - t0
+        ro = eng.generate_ids(prompt[:8], max_new_tokens=8, temperature=1.0)
+        res["generates_after_wake"] = len(ro.completion_ids) == 8
+    finally:
+        eng.close()
+    return res
+
+
+def full_seed(t_dir: Path, s_dir: Path, n: int, engine: str, work: Path, steps: int | None, tiny: bool = False) -> dict:
+    from sleepctl import record
+    from sleepctl.seed import seed
+
+    home = work / f"home-{engine}"
+    src = work / "memories.jsonl"
+    src.write_text("".join(json.dumps({"text": m}) + "\n" for m in memories(n)))
+    record([src], home=home)
+    ov = {"profiles.small.model": str(t_dir), "profiles.large.model": str(s_dir), "engine": engine}
+    if steps:
+        ov["training.max_steps"] = steps
+    if tiny:
+        ov.update({"training.device": DEVICE, "eval.judge": "none", "loss.gamma": 0.0, "data.max_new_tokens": 8})
+    t0 = time.time()
+    r = seed("qwen-small-large", home=home, teacher="small", student="large", overrides=ov, show_progress=False)
+    wall = time.time() - t0
+    rows = [json.loads(x) for x in (Path(r.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((Path(r.run_dir) / "summary.json").read_text())
+    ro = [x["rollout/tokens_per_s"] for x in rows if x.get("rollout/tokens_per_s")]
+    return {
+        "engine": engine,
+        "memories": n,
+        "steps": r.steps,
+        "examples": summary.get("examples"),
+        "wall_s": wall,
+        "training_loop_s": sum(x["step_s"] for x in rows),
+        "rollout_tokens_per_s_mean": sum(ro) / len(ro) if ro else None,
+        "train_s_per_step_mean": sum(x["train_s"] for x in rows) / len(rows),
+        "peak_memory_mb": r.peak_memory_mb,
+        "engine_info": summary.get("engine"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--memories", type=int, default=100, help="memories in the full seed")
+    ap.add_argument(
+        "--seed-engines",
+        default="auto",
+        help="engines of the full seed: auto (vllm if installed, else hf), hf, vllm, hf,vllm, none",
+    )
+    ap.add_argument("--seed-steps", type=int, help="optimizer steps of the full seed (default: the recipe's 150)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "gpu"))
+    ap.add_argument("--work", help="scratch folder for the random models (default: a temporary one)")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes, runs on CPU: checks the script, measures nothing")
+    args = ap.parse_args()
+
+    global DEVICE
+    if args.tiny:
+        DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    elif not torch.cuda.is_available():
+        print(
+            "gpu_bench: no CUDA GPU is visible; this benchmark measures GPU throughput (make bench runs on CPU)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    from peft import LoraConfig, get_peft_model
+
+    from sleepctl.vllm_engine import unavailable_reason
+
+    has_vllm = unavailable_reason() is None
+    engines = {"auto": ["vllm" if has_vllm else "hf"], "none": []}.get(args.seed_engines, args.seed_engines.split(","))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sleepctl-gpubench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SLEEPCTL_CACHE", str(work / "cache"))
+    peak = peak_tflops() if DEVICE == "cuda" else None
+    t_all = time.time()
+    res: dict = {
+        "machine": (torch.cuda.get_device_name(0) if DEVICE == "cuda" else "CPU") + f", {platform.machine()}",
+        "tiny": args.tiny,
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
+        "peak_bf16_tflops": peak,
+        "new_tokens": args.new_tokens,
+    }
+    import transformers
+
+    res["versions"]["transformers"] = transformers.__version__
+    if has_vllm:
+        import vllm
+
+        res["versions"]["vllm"] = vllm.__version__
+    else:
+        res["vllm_skipped"] = unavailable_reason()
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t_all:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    tok = build_tokenizer(memories(max(args.memories, 200)), work / "tok")
+    dirs = {k: work / k for k in SHAPES}
+    models = {k: build_model(k, tok, dirs[k], seed=i, tiny=args.tiny) for i, k in enumerate(SHAPES)}
+    new = 8 if args.tiny else args.new_tokens
+    res["new_tokens"] = new
+    res["params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    say(f"random models built: {res['params']}")
+
+    # rollouts through Hugging Face generate: plain, and through the LoRA the HF engine samples from
+    res["hf_rollouts"] = {}
+    for k, m in models.items():
+        res["hf_rollouts"][k] = {"batch64_plain": hf_rollouts(m, 64, new)}
+        say(f"HF generate {k}: {res['hf_rollouts'][k]['batch64_plain']:.0f} tok/s")
+    rank = {"0.5b": 16, "1.5b": 32}
+    peft = {}
+    for k, m in models.items():
+        peft[k] = get_peft_model(
+            m,
+            LoraConfig(
+                r=rank[k],
+                lora_alpha=2 * rank[k],
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ),
+        )
+        res["hf_rollouts"][k][f"batch64_lora_r{rank[k]}"] = hf_rollouts(peft[k], 64, new)
+        say(f"HF generate {k} with LoRA: {res['hf_rollouts'][k][f'batch64_lora_r{rank[k]}']:.0f} tok/s")
+
+    # a seed step: teacher 0.5b scores, student 1.5b + LoRA r=32 trains (the qwen-small-large recipe)
+    teacher = peft["0.5b"].get_base_model()
+    res["train_step"] = []
+    for legacy in (True, False):
+        for b in (16,) if args.tiny else (16, 64):
+            r = train_step_bench(teacher, peft["1.5b"], b, legacy, peak)
+            res["train_step"].append(r)
+            say(
+                f"train step batch {b}, head over {r['lm_head']}: {r['step_s'] * 1000:.0f} ms, MFU {'-' if r['mfu'] is None else format(r['mfu'], '.1%')}"
+            )
+
+    if has_vllm and not args.tiny:
+        res["vllm"] = {}
+        for k in SHAPES:
+            with torch.no_grad():
+                for n, p in peft[k].named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.01)
+            res["vllm"][k] = vllm_bench(dirs[k], peft[k], tok, rank[k], [64, 256], new)
+            say(
+                f"vLLM {k}: {json.dumps({x: round(y, 3) if isinstance(y, float) else y for x, y in res['vllm'][k].items() if x != 'logprob_check'})}"
+            )
+
+    del peft, models, teacher
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    res["full_seed"] = []
+    for e in engines:
+        say(f"full seed on {args.memories} memories, engine {e}…")
+        res["full_seed"].append(
+            full_seed(dirs["0.5b"], dirs["1.5b"], args.memories, e, work, args.seed_steps, tiny=args.tiny)
+        )
+        say(f"full seed, engine {e}: {res['full_seed'][-1]['wall_s']:.0f} s")
+    res["bench_wall_s"] = time.time() - t_all
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu-bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(res, indent=2))
+    print_table(res)
+    print(f"results: {path}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_table(res: dict) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=f"sleepctl GPU bench, {res['machine']}, random weights of Qwen2.5 shapes, bf16")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    nt = res["new_tokens"]
+    for k, v in res["hf_rollouts"].items():
+        for name, x in v.items():
+            t.add_row(f"rollout tok/s, HF generate, {k}, {name}, {nt} new", f"{x:,.0f}")
+    for k, v in res.get("vllm", {}).items():
+        for name, x in v.items():
+            if name.startswith("rollout_tokens_per_s"):
+                t.add_row(f"rollout tok/s, vLLM + LoRARequest, {k}, {name.split('_')[-1]}, {nt} new", f"{x:,.0f}")
+        t.add_row(
+            f"vLLM {k}: engine start / sleep / wake / LoRA sync",
+            f"{v['start_s']:.0f} s / {v['sleep_s']:.2f} s / {v['wake_s']:.2f} s / {v['lora_sync_s']:.2f} s",
+        )
+        t.add_row(f"vLLM {k}: memory freed by sleep", f"{v['freed_by_sleep_gb']:.1f} GB")
+        c = v["logprob_check"]
+        t.add_row(
+            f"vLLM {k}: |log-prob - PEFT| mean / max (LoRA effect)",
+            f"{c['mean_abs_diff']:.4f} / {c['max_abs_diff']:.3f} ({c['lora_effect']:.3f})",
+        )
+    for r in res["train_step"]:
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        t.add_row(
+            f"seed step, batch {r['batch']}, LM head over {r['lm_head']}",
+            f"{r['step_s'] * 1000:.0f} ms, {r['trained_tokens_per_s']:,.0f} trained tok/s, MFU {mfu}"
+            + ("" if r["peak_memory_gb"] is None else f", {r['peak_memory_gb']:.1f} GB"),
+        )
+        t.add_row(
+            f"teacher scoring tok/s, batch {r['batch']}, {r['lm_head']}", f"{r['teacher_scoring_tokens_per_s']:,.0f}"
+        )
+    for s in res["full_seed"]:
+        t.add_row(
+            f"full seed, {s['memories']} memories, {s['steps']} steps, engine {s['engine']}",
+            f"{s['wall_s']:.0f} s (loop {s['training_loop_s']:.0f} s)",
+        )
+    if "vllm_skipped" in res:
+        t.add_row("vLLM", escape(f"skipped: {res['vllm_skipped']}"))
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()
