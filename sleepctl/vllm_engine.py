@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import shutil
 import tempfile
 import time
@@ -88,11 +87,7 @@ def save_adapter(peft_model, path: Path) -> None:
         {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in state.items()},
         path / "adapter_model.safetensors",
     )
-    cfg = peft_model.peft_config["default"].to_dict()
-    cfg["target_modules"] = (
-        sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], set) else cfg["target_modules"]
-    )
-    (path / "adapter_config.json").write_text(json.dumps(cfg, default=str))
+    peft_model.peft_config["default"].save_pretrained(str(path))
 
 
 class VLLMEngine:
