@@ -38,6 +38,25 @@ def machine() -> str:
     return f"CPU, {os.cpu_count()} cores, {platform.machine()}"
 
 
+def by_memory(ev: EvalReport, method: str, new_ids: set[str]) -> tuple[dict, float | None]:
+    """One method's recall on this seed's memories (contains, F1, judge) and contains on older ones (retention).
+
+    Grouping by memory, not by eval's own groups, puts seed and seed+dream on the same two probe sets: a
+    dream adapter's lineage lists the dreamt memories twice (seed and dream), which eval cannot tell apart.
+    """
+    res = {r.probe_id: r for m in ev.methods if m.method == method for r in m.results}
+    new = [r for r in res.values() if r.trace_id in new_ids]
+    old = [r.contains for r in res.values() if r.trace_id not in new_ids]
+    judged = [r.judge for r in new if r.judge is not None]
+    recall = {
+        "contains": statistics.mean(r.contains for r in new) if new else None,
+        "f1": statistics.mean(r.f1 for r in new) if new else None,
+        "judge": statistics.mean(judged) if judged else None,
+        "probes": len(new),
+    }
+    return recall, (statistics.mean(old) if old else None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="quick-cpu")
@@ -77,7 +96,8 @@ def main() -> None:
             **{k: run.summary[k] for k in ("wall_s", "peak_memory_mb", "steps") if k in run.summary},
         )
     seed_wall = s.wall_s if s.wall_s else time.time() - t0
-    n_memories = len(json.loads((Path(s.run_dir) / "memory_ids.json").read_text()))
+    new_ids = set(json.loads((Path(s.run_dir) / "memory_ids.json").read_text()))
+    n_memories = len(new_ids)
     if args.no_eval:
         con.print(f"seeded {n_memories} memories in {seed_wall:.0f} s; run {s.run_id}")
         return
@@ -98,11 +118,12 @@ def main() -> None:
         dream_wall = time.time() - t2
         if d.adapter_id:
             dv = evaluate(d.adapter_id, home=home, keep_outputs=True)
-            dm = next(m for m in dv.methods if m.method == "sleep" and m.group == "new")
+            recall, ret_c = by_memory(dv, "sleep", new_ids)
             dream_row = {
-                "contains": dm.contains,
-                "f1": dm.f1,
-                "judge": dm.judge,
+                "contains": recall["contains"],
+                "retention": ret_c,
+                "f1": recall["f1"],
+                "judge": recall["judge"],
                 "ppl": dv.perplexity.get("sleep"),
                 "made_current": d.made_current,
                 "message": d.message,
@@ -110,11 +131,12 @@ def main() -> None:
                 "dreams": d.dreams,
                 "kept": d.kept,
                 "rewarded": d.rewarded,
-                "probes": dv.probes_new,
+                "probes": recall["probes"],
             }
         else:
             dream_row = {"message": d.message, "wall_s": dream_wall}
     get = {m.method: m for m in ev.methods if m.group == "new"}
+    retention = {m.method: m.contains for m in ev.methods if m.group == "retention"}
     base_ppl = ev.perplexity["base"]
     label = {"base": "base (closed-book)", "in-context": "in-context", "naive-sft": "naive SFT", "sleep": "seed"}
 
@@ -127,6 +149,8 @@ def main() -> None:
         "memories": n_memories,
         "heldout_probes": ev.probes_new,
         "recall": {m: {"contains": x.contains, "f1": x.f1, "judge": x.judge} for m, x in get.items()},
+        "retention": retention,
+        "retention_probes": ev.probes_retention,
         "perplexity": ev.perplexity,
         "ppl_change": {k: v / base_ppl - 1 for k, v in ev.perplexity.items()},
         "seed": {
@@ -153,8 +177,15 @@ def main() -> None:
         title=f"sleepctl bench: {args.recipe} on {Path(args.memories).name} ({n_memories} memories, "
         f"{ev.probes_new} held-out probes), {machine()}"
     )
-    for c in ("method", "contains", "F1", "judge", "general ppl", "ppl change"):
+    cols = ["method", "contains", "F1", "judge", "general ppl", "ppl change"]
+    if retention:
+        cols.insert(4, f"retention ({ev.probes_retention} older probes)")
+    for c in cols:
         t.add_column(c, justify="left" if c == "method" else "right")
+
+    def ret(v: float | None) -> list[str]:
+        return [("-" if v is None else f"{100 * v:.1f}%")] if retention else []
+
     for m in ("base", "in-context", "naive-sft", "sleep"):
         if m in get:
             x = get[m]
@@ -164,6 +195,7 @@ def main() -> None:
                 f"{100 * x.contains:.1f}%",
                 f"{x.f1:.3f}",
                 "-" if x.judge is None else f"{100 * x.judge:.1f}%",
+                *ret(retention.get(m)),
                 "-" if p is None else f"{p:.2f}",
                 "-" if p is None else f"{100 * (p / base_ppl - 1):+.1f}%",
             )
@@ -174,6 +206,7 @@ def main() -> None:
             f"{100 * dream_row['contains']:.1f}%",
             f"{dream_row['f1']:.3f}",
             "-" if dream_row["judge"] is None else f"{100 * dream_row['judge']:.1f}%",
+            *ret(dream_row["retention"]),
             "-" if p is None else f"{p:.2f}",
             "-" if p is None else f"{100 * (p / base_ppl - 1):+.1f}%",
         )

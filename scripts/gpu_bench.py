@@ -229,12 +229,28 @@ def legacy_completion_logits(model, prompts, completions, pad):
     return out, mask.to(device)
 
 
-def train_step_bench(teacher, student_peft, batch: int, legacy: bool, peak: float | None) -> dict:
+VARIANTS = {  # each change to the seed step, measured against the one before it
+    "before": "LM head over every position, LoRA computed in fp32 (PEFT default)",
+    "head": "LM head over completion positions only",
+    "now": "LM head over completions, LoRA matmuls in bf16 (fp32 master weights)",
+}
+
+
+def train_step_bench(
+    teacher, student_peft, batch: int, variant: str, peak: float | None, profile: Path | None = None
+) -> dict:
+    from functools import partial
+
     from sleepctl.losses import divergence
     from sleepctl.recipe import Optim
     from sleepctl.training import completion_logits, make_optimizer
 
-    score = legacy_completion_logits if legacy else completion_logits
+    legacy = variant == "before"
+    score = {
+        "before": legacy_completion_logits,
+        "head": partial(completion_logits, mixed_precision=False),
+        "now": completion_logits,
+    }[variant]
     rng = random.Random(batch)
     s_p, t_p, comps = batch_shapes(rng, batch)
     opt, _ = make_optimizer(student_peft, Optim(lr=1e-5), 100)
@@ -258,6 +274,14 @@ def train_step_bench(teacher, student_peft, batch: int, legacy: bool, peak: floa
     step()
     dt = timed(step, 5)
     dt_t = timed(teacher_only, 5)
+    if profile is not None:  # where a step's GPU time goes, kernel by kernel
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+            step()
+            sync()
+        profile.write_text(pr.key_averages().table(sort_by="self_device_time_total", row_limit=40))
     kept = sum(len(c) for c in comps) if not legacy else None
     sp, tp = params(student_peft), params(teacher)
     s_len = [len(p) + len(c) for p, c in zip(s_p, comps)]
@@ -271,7 +295,8 @@ def train_step_bench(teacher, student_peft, batch: int, legacy: bool, peak: floa
     trained = sum(len(c) for c in comps)
     return {
         "batch": batch,
-        "lm_head": "every position (before)" if legacy else "completion positions (now)",
+        "variant": variant,
+        "change": VARIANTS[variant],
         "step_s": dt,
         "trained_tokens_per_s": trained / dt,
         "processed_tokens_per_s": (sum(s_len) + sum(t_len)) / dt,
@@ -364,6 +389,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / ".bench" / "gpu"))
     ap.add_argument("--work", help="scratch folder for the random models (default: a temporary one)")
     ap.add_argument("--tiny", action="store_true", help="toy shapes, runs on CPU: checks the script, measures nothing")
+    ap.add_argument("--profile", action="store_true", help="also write a kernel profile of one seed step (batch 64)")
     args = ap.parse_args()
 
     global DEVICE
@@ -377,6 +403,7 @@ def main() -> None:
         sys.exit(2)
     from peft import LoraConfig, get_peft_model
 
+    from sleepctl.training import bf16_compute
     from sleepctl.vllm_engine import unavailable_reason
 
     has_vllm = unavailable_reason() is None
@@ -403,8 +430,13 @@ def main() -> None:
     else:
         res["vllm_skipped"] = unavailable_reason()
 
-    def say(msg: str) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu-bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
+
+    def say(msg: str) -> None:  # progress, and the figures so far on disk: a cut-off run still reports
         print(f"[{time.time() - t_all:6.0f} s] {msg}", file=sys.stderr, flush=True)
+        path.write_text(json.dumps(res, indent=2))
 
     tok = build_tokenizer(memories(max(args.memories, 200)), work / "tok")
     dirs = {k: work / k for k in SHAPES}
@@ -431,18 +463,21 @@ def main() -> None:
             ),
         )
         res["hf_rollouts"][k][f"batch64_lora_r{rank[k]}"] = hf_rollouts(peft[k], 64, new)
-        say(f"HF generate {k} with LoRA: {res['hf_rollouts'][k][f'batch64_lora_r{rank[k]}']:.0f} tok/s")
+        with bf16_compute(peft[k]):  # what the HF engine does now on CUDA
+            res["hf_rollouts"][k][f"batch64_lora_r{rank[k]}_bf16"] = hf_rollouts(peft[k], 64, new)
+        say(f"HF generate {k} with LoRA: {json.dumps({x: round(y) for x, y in res['hf_rollouts'][k].items()})} tok/s")
 
     # a seed step: teacher 0.5b scores, student 1.5b + LoRA r=32 trains (the qwen-small-large recipe)
     teacher = peft["0.5b"].get_base_model()
     res["train_step"] = []
-    for legacy in (True, False):
+    for variant in VARIANTS:
         for b in (16,) if args.tiny else (16, 64):
-            r = train_step_bench(teacher, peft["1.5b"], b, legacy, peak)
+            last = variant == "now" and b == (16 if args.tiny else 64)
+            prof_path = out / "seed-step-profile.txt" if args.profile and last else None
+            r = train_step_bench(teacher, peft["1.5b"], b, variant, peak, prof_path)
             res["train_step"].append(r)
-            say(
-                f"train step batch {b}, head over {r['lm_head']}: {r['step_s'] * 1000:.0f} ms, MFU {'-' if r['mfu'] is None else format(r['mfu'], '.1%')}"
-            )
+            mfu = "-" if r["mfu"] is None else format(r["mfu"], ".1%")
+            say(f"train step batch {b}, {variant}: {r['step_s'] * 1000:.0f} ms, MFU {mfu}")
 
     if has_vllm and not args.tiny:
         res["vllm"] = {}
@@ -468,9 +503,6 @@ def main() -> None:
         say(f"full seed, engine {e}: {res['full_seed'][-1]['wall_s']:.0f} s")
     res["bench_wall_s"] = time.time() - t_all
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu-bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(res, indent=2))
     print_table(res)
     print(f"results: {path}")
@@ -507,12 +539,12 @@ def print_table(res: dict) -> None:
     for r in res["train_step"]:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         t.add_row(
-            f"seed step, batch {r['batch']}, LM head over {r['lm_head']}",
+            f"seed step, batch {r['batch']}, {r['variant']}: {r['change']}",
             f"{r['step_s'] * 1000:.0f} ms, {r['trained_tokens_per_s']:,.0f} trained tok/s, MFU {mfu}"
             + ("" if r["peak_memory_gb"] is None else f", {r['peak_memory_gb']:.1f} GB"),
         )
         t.add_row(
-            f"teacher scoring tok/s, batch {r['batch']}, {r['lm_head']}", f"{r['teacher_scoring_tokens_per_s']:,.0f}"
+            f"teacher scoring tok/s, batch {r['batch']}, {r['variant']}", f"{r['teacher_scoring_tokens_per_s']:,.0f}"
         )
     for s in res["full_seed"]:
         t.add_row(

@@ -58,7 +58,7 @@ from .runs import (
 )
 from .scoring import contains_match
 from .store import Store, now
-from .training import adapter_state, add_lora, make_optimizer, pad_right
+from .training import adapter_state, add_lora, bf16_compute, make_optimizer, pad_right
 
 err = Console(stderr=True)
 
@@ -195,7 +195,8 @@ def sft_loss(model, tok, sysp: str, pairs: list[Pair]) -> torch.Tensor:
     labels = ids.masked_fill(mask == 0, -100)
     for i, s in enumerate(starts):
         labels[i, :s] = -100
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    with bf16_compute(model):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
 
 

@@ -238,11 +238,13 @@ class VLLMEngine:
 
 @torch.no_grad()
 def trainer_logprobs(model, seqs: list[list[int]], pad: int) -> list[list[float]]:
-    from .training import pad_right
+    from .training import bf16_compute, pad_right
 
     device = next(model.parameters()).device
     ids, mask = pad_right(seqs, pad, device)
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    with bf16_compute(model):  # the trainer's own compute path
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logp = torch.log_softmax(logits.float(), -1)
     got = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return [got[i, : len(s) - 1].tolist() for i, s in enumerate(seqs)]
 
