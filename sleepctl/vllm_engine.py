@@ -116,6 +116,9 @@ class VLLMEngine:
         self._next_id = 1
         self.asleep = False
         self.timings: dict[str, float] = {"sleep_s": 0.0, "wake_s": 0.0, "sync_s": 0.0, "syncs": 0}
+        # blocks the trainer's caching allocator holds but no longer uses look taken to vLLM's memory check
+        gc.collect()
+        torch.cuda.empty_cache()
         t0 = time.time()
         try:
             self.llm = LLM(model=str(model_dir), **engine_kwargs(cfg, lora_rank, seed))
