@@ -305,11 +305,16 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                     g_d = flat_grad(model, sft_loss(model, tok, sysp, dream_pairs(d, t)))
                     scores[d["id"]] = torch.nn.functional.cosine_similarity(g_d, g_p, dim=0).item()
             _save(rf, "scores.json", scores)
-        kept = []
-        for t in targets:
-            mine = sorted((d for d in dreams if d["trace_id"] == t.id), key=lambda d: -scores.get(d["id"], -1.0))
-            top, rest = mine[: dc.top_k], mine[dc.top_k :]
-            kept += top + rng.sample(rest, min(dc.random_b, len(rest)))
+        # The selection is saved: a resumed run must reward and train on the very dreams it kept before.
+        by_id = {d["id"]: d for d in dreams}
+        kept = [by_id[i] for i in _cached(rf, "kept.json") or []]
+        if not kept:
+            pick = random.Random(f"{tr.seed}:{current}:keep")
+            for t in targets:
+                mine = sorted((d for d in dreams if d["trace_id"] == t.id), key=lambda d: -scores.get(d["id"], -1.0))
+                top, rest = mine[: dc.top_k], mine[dc.top_k :]
+                kept += top + pick.sample(rest, min(dc.random_b, len(rest)))
+            _save(rf, "kept.json", [d["id"] for d in kept])
         log(f"kept {len(kept)} dreams by gradient score (top {dc.top_k} + {dc.random_b} random per memory)")
 
         # 3. reward on an isolated temporary copy of the adapter ---------------------------------------------

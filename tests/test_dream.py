@@ -103,6 +103,12 @@ def test_sigkill_midway_then_rerun_ends_with_valid_current(home, tmp_path, tiny_
     assert r.returncode in (0, 3), r.stderr.decode()[-1500:]
     res = json.loads(r.stdout)
     assert res["steps"] == 40
+    # the resumed run rewarded and trained on the dreams the killed one kept, not a fresh random pick
+    run_dir = next(home.glob("runs/dream_*"))
+    kept = json.loads((run_dir / "kept.json").read_text())
+    rewards = json.loads((run_dir / "rewards.json").read_text())
+    assert set(kept) <= set(rewards)
+    assert res["rewarded"] == sum(rewards[k]["reward"] for k in kept)
     with open_store(home) as st:
         cur = st.adapter(st.current_adapter_id())
         assert (Path(cur.path) / "adapter_model.safetensors").exists()
