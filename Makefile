@@ -48,5 +48,9 @@ MEMORIES ?= examples/memories.jsonl
 bench: install
 	$(PY) scripts/bench.py --recipe $(RECIPE) --memories $(MEMORIES)
 
+# GPU throughput: rollouts (HF, vLLM where installed), teacher scoring, seed step MFU, a full seed; JSON under .bench/gpu
+bench-gpu:
+	python3 scripts/gpu_bench.py --memories 100
+
 clean:
 	rm -rf $(DEMO_HOME) .bench .pytest_cache .ruff_cache
