@@ -302,10 +302,9 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
 
     model = add_lora(s_model, cfg.lora)
     teacher_model = t_model if t_model is not None else model  # "self": the same weights, adapter disabled
-    engines: list = []
 
     def engine(m, tok, model_dir, lora_rank=None):
-        e = make_engine(
+        return make_engine(
             cfg.engine,
             m,
             tok,
@@ -316,8 +315,6 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
             seed=tr.seed,
             workdir=h.root / "tmp",
         )
-        engines.append(e)
-        return e
 
     def teacher_ctx():
         return model.disable_adapter() if t_model is None else nullcontext()
@@ -372,24 +369,6 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
     pad = s_tok.pad_token_id
     s_engine = engine(model, s_tok, s_dir, lora_rank=cfg.lora.r)
     engine_info: dict[str, Any] = {"engine": cfg.engine}
-    if cfg.engine == "vllm":
-        seqs = [
-            s_tok(render(s_tok, sysp, e.prompt), add_special_tokens=False)["input_ids"]
-            + _encode_answer(s_tok, e.samples[0])
-            for e in examples[: cfg.vllm.check_sequences]
-        ]
-        try:
-            check = check_logprobs(s_engine, model, seqs, pad, cfg.vllm.logprob_tolerance, seed=tr.seed)
-        except SleepError:
-            s_engine.close()
-            st.update_run(rf.run.id, "failed", {"steps": start})
-            raise
-        engine_info.update(start_s=s_engine.start_s, logprob_check=check)
-        err.print(
-            f"[dim]vLLM started in {s_engine.start_s:.0f} s; log-probs match the trainer's: mean |Δ| "
-            f"{check['mean_abs_diff']:.4f}, max {check['max_abs_diff']:.3f} nats over {check['tokens']} tokens "
-            f"(the adapter moves them by {check['lora_effect']:.3f})[/dim]"
-        )
     last: dict[str, Any] = {}
     step = completed = saved = start
     progress = Progress(
@@ -403,6 +382,19 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
         disable=not show_progress,
     )
     try:
+        if cfg.engine == "vllm":  # a failed check ends the run like any failure below: marked failed, engine closed
+            seqs = [
+                s_tok(render(s_tok, sysp, e.prompt), add_special_tokens=False)["input_ids"]
+                + _encode_answer(s_tok, e.samples[0])
+                for e in examples[: cfg.vllm.check_sequences]
+            ]
+            check = check_logprobs(s_engine, model, seqs, pad, cfg.vllm.logprob_tolerance, seed=tr.seed)
+            engine_info.update(start_s=s_engine.start_s, logprob_check=check)
+            err.print(
+                f"[dim]vLLM started in {s_engine.start_s:.0f} s; log-probs match the trainer's: mean |Δ| "
+                f"{check['mean_abs_diff']:.4f}, max {check['max_abs_diff']:.3f} nats over {check['tokens']} tokens "
+                f"(the adapter moves them by {check['lora_effect']:.3f})[/dim]"
+            )
         with progress:
             task = progress.add_task("seed", total=tr.max_steps, completed=start, info="")
             for step in range(start, tr.max_steps):
@@ -517,8 +509,7 @@ def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_
         st.update_run(rf.run.id, "failed", {"steps": completed})
         raise
     finally:
-        for e in engines:
-            e.close()
+        s_engine.close()
     if cfg.engine == "vllm":
         engine_info["timings"] = s_engine.timings
 

@@ -241,15 +241,14 @@ class VLLMEngine:
 
 @torch.no_grad()
 def trainer_logprobs(model, seqs: list[list[int]], pad: int) -> list[list[float]]:
-    from .training import bf16_compute, pad_right
+    """log p(token | prefix) of every token after the first, scored the way a training step scores them."""
+    from .losses import sequence_logps
+    from .training import completion_logits, labels_tensor
 
-    device = next(model.parameters()).device
-    ids, mask = pad_right(seqs, pad, device)
-    with bf16_compute(model):  # the trainer's own compute path
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    logp = torch.log_softmax(logits.float(), -1)
-    got = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return [got[i, : len(s) - 1].tolist() for i, s in enumerate(seqs)]
+    comps = [s[1:] for s in seqs]
+    logits, _ = completion_logits(model, [s[:1] for s in seqs], comps, pad)
+    got = sequence_logps(logits, labels_tensor(comps, logits.device))
+    return [got[i, : len(c)].tolist() for i, c in enumerate(comps)]
 
 
 def check_logprobs(engine: VLLMEngine, model, seqs: list[list[int]], pad: int, tolerance: float, seed: int = 0) -> dict:

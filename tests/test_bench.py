@@ -9,25 +9,16 @@ from .conftest import ROOT, write_recipe
 from .test_dream import DREAM
 
 
+def script(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run one of scripts/ as a user would."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, timeout=timeout)
+
+
 def test_bench_writes_results(tmp_path, tiny_dir, small_memories):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, dream=DREAM)
     out = tmp_path / "bench"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench.py"),
-            "--recipe",
-            str(recipe),
-            "--memories",
-            str(small_memories),
-            "--out",
-            str(out),
-            "--name",
-            "t",
-        ],
-        capture_output=True,
-        timeout=900,
-    )
+    common = ("--recipe", str(recipe), "--memories", str(small_memories), "--out", str(out))
+    r = script("bench.py", *common, "--name", "t")
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     res = json.loads((out / "t.json").read_text())
     assert set(res["recall"]) == {"base", "in-context", "sleep", "naive-sft"}
@@ -38,25 +29,7 @@ def test_bench_writes_results(tmp_path, tiny_dir, small_memories):
     for word in ("base (closed-book)", "in-context", "naive SFT", "seed", "ppl change", "rollout tokens/s"):
         assert word in text
     # a second call on the same home reuses the seed and its evaluation
-    r2 = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench.py"),
-            "--recipe",
-            str(recipe),
-            "--memories",
-            str(small_memories),
-            "--out",
-            str(out),
-            "--name",
-            "t2",
-            "--home",
-            str(out / "t" / "home"),
-            "--no-dream",
-        ],
-        capture_output=True,
-        timeout=900,
-    )
+    r2 = script("bench.py", *common, "--name", "t2", "--home", str(out / "t" / "home"), "--no-dream")
     assert r2.returncode == 0, r2.stderr.decode()[-3000:]
     again = json.loads((out / "t2.json").read_text())
     assert again["recall"] == res["recall"] and Path(again["seed"]["run_dir"]) == Path(res["seed"]["run_dir"])
@@ -65,22 +38,8 @@ def test_bench_writes_results(tmp_path, tiny_dir, small_memories):
 def test_gpu_bench_runs_at_toy_size(tmp_path):
     """`--tiny` runs the GPU benchmark's whole code path at toy shapes (on CPU here): it keeps working."""
     out = tmp_path / "gpu"
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "gpu_bench.py"),
-            "--tiny",
-            "--memories",
-            "3",
-            "--seed-steps",
-            "2",
-            "--seed-engines",
-            "hf",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        timeout=900,
+    r = script(
+        "gpu_bench.py", "--tiny", "--memories", "3", "--seed-steps", "2", "--seed-engines", "hf", "--out", str(out)
     )
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     res = json.loads(next(out.glob("gpu-bench-*.json")).read_text())
@@ -100,6 +59,6 @@ def test_gpu_bench_refuses_a_machine_without_cuda(tmp_path):
         import pytest
 
         pytest.skip("this machine has CUDA")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_bench.py")], capture_output=True, timeout=120)
+    r = script("gpu_bench.py", timeout=120)
     assert r.returncode == 2
     assert "no CUDA GPU" in r.stderr.decode()
