@@ -261,6 +261,39 @@ def dream(
         raise typer.Exit(res.exit_code)
 
 
+@app.command()
+def consolidate(
+    recipe: str | None = typer.Option(
+        None, "--recipe", "-r", help="A recipe name or YAML file (default: the recipe of the current adapter's run)."
+    ),
+    if_needed: bool = typer.Option(
+        False, "--if-needed", help="Only when the stack holds more than consolidate.max_adapters (for cron)."
+    ),
+    overrides: list[str] = SetOpt,
+    home: str | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Distil every memory of the current adapter stack into one fresh adapter; current only if nothing got worse."""
+    from .consolidate import consolidate as api_consolidate
+    from .recipe import parse_overrides
+
+    res = api_consolidate(
+        recipe, home=home, if_needed=if_needed, overrides=parse_overrides(overrides), show_progress=not as_json
+    )
+
+    def human(r) -> None:
+        out.print(escape(r.message))
+        for g, v in r.after.get("recall", {}).items():
+            b = r.before["recall"].get(g)
+            out.print(f"  held-out recall of {g}'s memories: {_pct(b)} -> {_pct(v)}")
+        if r.after:
+            out.print(f"  general perplexity: {r.before['ppl']:.2f} -> {r.after['ppl']:.2f}")
+
+    emit(res, as_json, human)
+    if res.exit_code:
+        raise typer.Exit(res.exit_code)
+
+
 @adapters_app.command("list")
 def adapters_list(home: str | None = HomeOpt, as_json: bool = JsonOpt) -> None:
     """Adapter versions, newest last; * marks the current one."""
@@ -271,16 +304,18 @@ def adapters_list(home: str | None = HomeOpt, as_json: bool = JsonOpt) -> None:
 
     def human(ads) -> None:
         t = Table(title=f"{len(ads)} adapters")
-        for c in ("", "version", "id", "kind", "base model", "parent", "memories", "run", "created"):
-            t.add_column(c)
+        for c in ("", "version", "id", "kind", "base model", "on", "replaces", "memories", "run", "created"):
+            t.add_column(c, no_wrap=c in ("id", "run"))
+        version = {a.id: f"v{a.version}" for a in ads}
         for a in ads:
             t.add_row(
                 "*" if a.current else "",
                 f"v{a.version}",
                 a.id,
                 a.kind,
-                a.base_model,
-                a.parent_id or "-",
+                escape(a.base_model),
+                version.get(a.parent_id, a.parent_id or "base"),
+                version.get(a.replaces, a.replaces or "-"),
                 str(len(a.trace_ids)),
                 a.run_id,
                 a.created_at[:19],
@@ -288,6 +323,43 @@ def adapters_list(home: str | None = HomeOpt, as_json: bool = JsonOpt) -> None:
         out.print(t)
 
     emit(ads, as_json, human)
+
+
+@adapters_app.command("prune")
+def adapters_prune(
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete without asking."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be deleted."),
+    home: str | None = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Delete adapters outside the current lineage (replaced by a consolidation, rolled back, not kept)."""
+    from .adapters import prunable, prune
+    from .memories import open_store
+
+    with open_store(home) as st:
+        cands = prunable(st)
+        if not cands:
+            emit(
+                {"pruned": []},
+                as_json,
+                lambda _: out.print("nothing to prune: every adapter is in the current lineage"),
+            )
+            return
+        listing = ", ".join(f"v{a.version} ({a.kind})" for a in cands)
+        if dry_run:
+            emit(
+                {"would_prune": [a.model_dump() for a in cands]},
+                as_json,
+                lambda _: out.print(f"would delete {listing}"),
+            )
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UsageError(f"would delete {listing}; pass --yes to confirm (no terminal to ask on)")
+            if not typer.confirm(f"delete {listing}?"):
+                raise typer.Exit(1)
+        done = prune(st, [a.id for a in cands])
+    emit({"pruned": [a.model_dump() for a in done]}, as_json, lambda _: out.print(f"deleted {listing}"))
 
 
 @adapters_app.command("rollback")
@@ -309,8 +381,8 @@ def adapters_use(
 
 
 def _set_current(to: str | None, home: str | None, as_json: bool) -> None:
+    from .adapters import rollback
     from .memories import open_store
-    from .runs import rollback
 
     with open_store(home) as st:
         a = rollback(st, to)

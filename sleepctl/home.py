@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import StoreError
+from .errors import LockedError, StoreError
 
 ENV_HOME = "SLEEPCTL_HOME"
 
@@ -48,6 +52,46 @@ class Home:
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "sleep.lock"
+
+
+@contextmanager
+def sleep_lock(h: Home, job: str) -> Iterator[None]:
+    """One job that publishes adapters (seed, dream, consolidate) at a time, per home.
+
+    flock: released by the kernel when the process dies, SIGKILL included, so a lock is never stale.
+    Opened without following a symlink, so a planted link cannot make the lock truncate another file.
+    """
+    path = h.lock_path
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StoreError(
+            f"cannot open the lock {path}: {e.strerror}", hint="is it a symlink, or the home read-only?"
+        ) from e
+    f = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise LockedError(
+            f"another sleepctl job holds {path}{f' ({holder})' if holder else ''}",
+            hint="seed, dream and consolidate run one at a time per home; wait for it to finish",
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{job}, pid {os.getpid()}, since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def open_home(home: str | os.PathLike | None = None, create: bool = False) -> Home:

@@ -8,16 +8,28 @@ from collections import Counter
 from .records import Trace
 
 MEMORY_HEADER = "You remember the following. Use it to answer."
+DATED_HEADER = (
+    "You remember the following, oldest first. Use it to answer. Where two memories disagree, the more recent "
+    "one is true: it replaced the older one."
+)
+
+Memory = str | tuple[str, str]  # a memory's text, or (when it was recorded, text)
 
 
-def system_text(system_prompt: str, memories: list[str] | None = None) -> str:
+def system_text(system_prompt: str, memories: list[Memory] | None = None) -> str:
+    """The system prompt with the memory block; several dated memories are shown oldest first, with dates."""
     if not memories:
         return system_prompt
-    body = "\n\n".join(f"[memory {i}]\n{m.strip()}" for i, m in enumerate(memories, 1))
+    dated = len(memories) > 1 and all(isinstance(m, tuple) for m in memories)
+    if dated:
+        body = "\n\n".join(f"[memory {i}, recorded {when}]\n{m.strip()}" for i, (when, m) in enumerate(memories, 1))
+        return f"{system_prompt}\n\n{DATED_HEADER}\n\n{body}"
+    texts = [m[1] if isinstance(m, tuple) else m for m in memories]
+    body = "\n\n".join(f"[memory {i}]\n{m.strip()}" for i, m in enumerate(texts, 1))
     return f"{system_prompt}\n\n{MEMORY_HEADER}\n\n{body}"
 
 
-def render(tok, system_prompt: str, user: str, memories: list[str] | None = None) -> str:
+def render(tok, system_prompt: str, user: str, memories: list[Memory] | None = None) -> str:
     """The text of a chat prompt up to the assistant's turn."""
     msgs = [{"role": "system", "content": system_text(system_prompt, memories)}, {"role": "user", "content": user}]
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -134,9 +146,14 @@ def restatement_prompts(text: str, limit: int) -> list[str]:
 
 
 def restatement(trace: Trace) -> str:
-    """The memory as an answer: a note as written; a chat as what the user said (where its facts are)."""
-    turns = user_turns(trace)
-    return " ".join(turns) if turns else trace.text.strip()
+    """The memory as an answer: a note as written; a chat as what the user said and what tools returned.
+
+    Facts arrive in user turns and in tool results (a lookup's answer); the assistant's turns mostly echo them.
+    """
+    if not trace.messages:
+        return trace.text.strip()
+    parts = [m.content.strip() for m in trace.messages if m.role in ("user", "tool") and m.content.strip()]
+    return " ".join(parts) if parts else trace.text.strip()
 
 
 def user_turns(trace: Trace) -> list[str]:

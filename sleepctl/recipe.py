@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,12 +72,76 @@ class Optim(Strict):
 
 
 class Training(Strict):
-    max_steps: int = Field(60, ge=1)
+    max_steps: int = Field(60, ge=1, description="optimizer steps of a night (the cap, with steps_per_memory)")
+    steps_per_memory: float | None = Field(
+        None,
+        gt=0.0,
+        description="scale a night's steps with its size: ceil(steps_per_memory x new memories), at most max_steps "
+        "and at least 10",
+    )
     batch_size: int = Field(8, ge=1)
     seed: int = 0
     checkpoint_every: int = Field(10, ge=1)
     log_every: int = Field(1, ge=1)
     device: str = "auto"
+    steps_per_generation: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="sample the rollouts of this many steps at once from one weight version (staleness up to n-1 "
+        "updates, as asynchronous on-policy trainers accept); the engine then sees n times more sequences per call",
+    )
+    fused_lora: bool = Field(
+        True,
+        description="on CUDA, add LoRA's product into the base output in one GEMM (addmm) instead of three kernels",
+    )
+
+
+class Replay(Strict):
+    """Earlier nights' memories mixed into tonight's batches, from their cached teacher data (no new generation)."""
+
+    fraction: float = Field(0.3, ge=0.0, lt=1.0, description="share of each batch drawn from earlier memories")
+    max_memories: int = Field(64, ge=0, description="earlier memories in tonight's replay pool (0: no replay)")
+    sampling: Literal["uniform", "recent", "weakest"] = Field(
+        "weakest",
+        description="which earlier memories: at random, the most recent, or those the current model holds worst "
+        "(highest loss on their training probes)",
+    )
+    max_related: int = Field(
+        3, ge=0, le=16, description="other memories about the same names the teacher sees beside one, oldest first"
+    )
+
+
+class Anchor(Strict):
+    """Keep the adapter-on student close to the base (adapters off) on general text: the drift guard."""
+
+    kl_coef: float = Field(0.0, ge=0.0, description="weight of KL(base || student) on general text; 0 turns it off")
+    batch_size: int = Field(4, ge=1, le=256, description="general-text paragraphs per step")
+    max_tokens: int = Field(128, ge=16, le=4096, description="tokens per paragraph")
+    drift_prompts: int = Field(
+        24, ge=0, le=512, description="held-out generic prompts on which KL(base || adapter) is logged per night"
+    )
+
+
+class Consolidate(Strict):
+    """Distil every consolidated memory into one fresh adapter on the plain base when the stack grows too deep."""
+
+    max_adapters: int = Field(
+        4, ge=1, le=64, description="consolidate when the current stack holds more adapters than this"
+    )
+    auto: bool = Field(True, description="dream consolidates on its own when the stack has grown past max_adapters")
+    steps_per_memory: float = Field(4.0, gt=0.0, description="optimizer steps per memory (at least training.max_steps)")
+    max_steps: int = Field(2000, ge=1)
+    recall_tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="held-out recall (absolute) any earlier night may lose before the gate refuses",
+    )
+    ppl_tolerance: float = Field(0.02, ge=0.0, description="relative general-perplexity rise the gate accepts")
+    stack_kl_coef: float = Field(
+        0.0, ge=0.0, description="weight of the current stack (closed-book) as an extra teacher of the same answers"
+    )
 
 
 class Eval(Strict):
@@ -115,6 +180,12 @@ class VLLM(Strict):
     gpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=0.95, description="share of the GPU vLLM takes (weights + KV cache); the trainer needs the rest"
     )
+    teacher_gpu_memory_utilization: float = Field(
+        0.12,
+        gt=0.0,
+        le=0.95,
+        description="share of the GPU the teacher's engine takes, when the teacher is another model",
+    )
     sleep: bool = Field(
         False, description="offload vLLM's weights and drop its KV cache while the trainer steps (costs time per step)"
     )
@@ -142,6 +213,9 @@ class Recipe(Strict):
     training: Training = Training()
     eval: Eval = Eval()
     dream: Dream = Dream()
+    replay: Replay = Replay()
+    anchor: Anchor = Anchor()
+    consolidate: Consolidate = Consolidate()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -155,6 +229,13 @@ class Recipe(Strict):
 
     def dtype(self, ref: str) -> str:
         return self.profiles[ref].dtype if ref in self.profiles else "auto"
+
+    def night_steps(self, memories: int) -> int:
+        """Optimizer steps for a night of this many new memories."""
+        tr = self.training
+        if tr.steps_per_memory is None:
+            return tr.max_steps
+        return max(min(10, tr.max_steps), min(tr.max_steps, math.ceil(tr.steps_per_memory * memories)))
 
 
 def recipe_path(name_or_path: str | Path | None) -> Path:

@@ -41,6 +41,7 @@ class Probe(BaseModel):
     origin: ProbeOrigin
     split: ProbeSplit
     created_at: str
+    superseded_by: str | None = None  # a newer memory that answers this question differently
 
 
 class Run(BaseModel):
@@ -65,3 +66,4 @@ class Adapter(BaseModel):
     metrics: dict[str, Any] = {}
     created_at: str
     current: bool = False
+    replaces: str | None = None  # a consolidation: the adapter that was current when it was made

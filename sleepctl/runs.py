@@ -1,9 +1,8 @@
-"""Run folders, checkpoints and the adapter registry.
+"""Run folders and checkpoints (the adapter registry lives in adapters.py).
 
 A run folder holds the resolved recipe, versions, memory ids, metrics.jsonl, an append-only
-checkpoints.jsonl and the checkpoints themselves. Adapters are written under a temporary name and moved
-into place before the registry row that makes them current is committed, so a crash never leaves a
-broken current adapter.
+checkpoints.jsonl and the checkpoints themselves (adapter weights as safetensors; optimizer and
+schedule state loaded with `weights_only`, so a tampered checkpoint cannot run code).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import platform
 import random
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from .errors import SleepError
 from .home import Home
-from .records import Adapter, Run
+from .records import Run
 from .store import Store, new_id, now
 
 
@@ -165,125 +165,31 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     params = dict(model.named_parameters())
     for k, v in sd.items():
         params[k].data.copy_(v.to(params[k].device, params[k].dtype))
-    opt = torch.load(path / "optim.pt", weights_only=False)
+    try:
+        opt = torch.load(path / "optim.pt", weights_only=True)  # a home can be copied and shared: never unpickle code
+    except Exception as e:  # noqa: BLE001 - any refusal or corruption is the same answer
+        raise SleepError(
+            f"checkpoint {path} holds something other than optimizer state and was not loaded: {str(e)[:200]}",
+            hint=f"remove {path} to resume from an earlier checkpoint, or start the run again",
+        ) from e
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return TrainState.model_validate_json((path / "state.json").read_text())
 
 
-# adapters ---------------------------------------------------------------------------------------
+@contextmanager
+def run_status(st: Store, rf: RunFolder, summary: dict | None = None):
+    """A run that ends by an exception is marked failed (interrupted for Ctrl-C), so it never stays `running`."""
+    from .errors import EXIT_INTERRUPTED
 
-
-def lineage(st: Store, adapter_id: str | None) -> list[Adapter]:
-    """The adapter and its ancestors, oldest first: the stack to apply on the base model."""
-    chain: list[Adapter] = []
-    seen = set()
-    while adapter_id:
-        if adapter_id in seen:
-            raise SleepError(f"adapter lineage loops at {adapter_id}")
-        seen.add(adapter_id)
-        a = st.adapter(adapter_id)
-        chain.append(a)
-        adapter_id = a.parent_id
-    return list(reversed(chain))
-
-
-def apply_stack(model, stack: list[Adapter]):
-    """Merge each frozen adapter into the weights in order; what comes back is a plain model again."""
-    from peft import PeftModel
-
-    for a in stack:
-        if not Path(a.path).exists():
-            raise SleepError(f"adapter v{a.version} is missing its files at {a.path}")
-        model = PeftModel.from_pretrained(model, a.path).merge_and_unload()
-    return model
-
-
-def publish_adapter(
-    home: Home,
-    st: Store,
-    peft_model,
-    *,
-    run_id: str,
-    kind: str,
-    base_model: str,
-    parent_id: str | None,
-    trace_ids: list[str],
-    metrics: dict,
-    make_current: bool = True,
-    mark_consolidated: bool = True,
-) -> Adapter:
-    """Write the adapter under a temporary name, move it into place, then commit the registry row."""
-    for stale in home.adapters_dir.glob(".tmp-*"):  # left by a crash mid-write; never registered
-        shutil.rmtree(stale, ignore_errors=True)
-    version = st.next_adapter_version()
-    adapter_id = new_id("a")
-    final = home.adapters_dir / f"v{version:03d}-{adapter_id}"
-    tmp = home.adapters_dir / f".tmp-{adapter_id}"
     try:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "sleepctl.json").write_text(
-            json.dumps(
-                {
-                    "id": adapter_id,
-                    "version": version,
-                    "run_id": run_id,
-                    "base_model": base_model,
-                    "parent_id": parent_id,
-                },
-                indent=2,
-            )
-        )
-        os.replace(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SleepError(
-            f"could not write the adapter: {e.strerror or e}",
-            hint="free disk space in the home; the current adapter is unchanged",
-        ) from e
-    a = Adapter(
-        id=adapter_id,
-        version=version,
-        run_id=run_id,
-        kind=kind,
-        base_model=base_model,
-        parent_id=parent_id,
-        path=str(final),
-        trace_ids=trace_ids,
-        metrics=metrics,
-        created_at=now(),
-        current=make_current,
-    )
-    with st.transaction() as db:
-        st.insert_adapter(db, a)
-        if make_current:
-            st.set_current(db, adapter_id)
-        if mark_consolidated:
-            st.mark_consolidated(db, trace_ids, adapter_id)
-    return a
-
-
-def rollback(st: Store, ref: str | None = None) -> Adapter | None:
-    """Make an earlier adapter current (default: the parent of the current one); None means base only."""
-    cur = st.current_adapter_id()
-    if ref is None:
-        if cur is None:
-            raise SleepError("no current adapter to roll back from")
-        target = st.adapter(cur).parent_id
-    elif ref in ("base", "none"):
-        target = None
-    else:
-        target = st.adapter(ref).id
-    stack = lineage(st, target)
-    with st.transaction() as db:
-        st.set_current(db, target)
-        # A memory is consolidated only while its adapter is in the current stack: rolled-back
-        # memories become pending again, so the next seed learns them anew.
-        keep = {a.id for a in stack}
-        for row in db.execute("SELECT DISTINCT adapter_id FROM traces WHERE adapter_id IS NOT NULL").fetchall():
-            if row[0] not in keep:
-                st.mark_pending(db, row[0])
-        for a in stack:
-            if a.kind != "dream":  # a dream rehearses memories that a seed adapter holds
-                st.mark_consolidated(db, a.trace_ids, a.id)
-    return st.adapter(target) if target else None
+        yield
+    except KeyboardInterrupt:
+        st.update_run(rf.run.id, "interrupted", summary)
+        raise
+    except SleepError as e:
+        st.update_run(rf.run.id, "interrupted" if e.exit_code == EXIT_INTERRUPTED else "failed", summary)
+        raise
+    except BaseException as e:
+        st.update_run(rf.run.id, "failed", {**(summary or {}), "error": str(e)[:500]})
+        raise

@@ -1,7 +1,8 @@
 """Naive SFT on the raw traces: the baseline that seeding must beat, at the same budget.
 
-Same LoRA size, optimiser, batch size and number of steps as the seed run; the loss is plain
-next-token prediction on every token of each trace (a chat rendered with the template, a note as text).
+Same LoRA size, optimiser, batch size and number of steps as the seed run, through the same loop; the
+loss is plain next-token prediction on every token of each trace (a chat rendered with the template, a
+note as text).
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 import random
 import time
 
-import torch
-
+from .loop import train
 from .recipe import Recipe
 from .records import Trace
-from .training import add_lora, make_optimizer, pad_right, peak_memory_mb
+from .training import add_lora, bf16_compute, make_optimizer, pad_right, peak_memory_mb
 
 
 def trace_ids_for_sft(tok, t: Trace, system_prompt: str, max_len: int = 1024) -> list[int]:
@@ -27,35 +27,36 @@ def trace_ids_for_sft(tok, t: Trace, system_prompt: str, max_len: int = 1024) ->
     return list(ids)[:max_len]
 
 
-def train_sft(model, tok, traces: list[Trace], recipe: Recipe, seed: int = 0):
-    """Returns the PEFT-wrapped model (new adapter trained) and a small metrics dict."""
+def train_sft(model, tok, traces: list[Trace], recipe: Recipe, seed: int = 0, stack: list | None = None):
+    """Returns the PEFT-wrapped model (new adapter trained over `stack`) and a small metrics dict."""
     t0 = time.time()
-    model = add_lora(model, recipe.lora)
-    opt, sched = make_optimizer(model, recipe.optim, recipe.training.max_steps)
+    tr = recipe.training
+    model = add_lora(model, recipe.lora, stack, fused=tr.fused_lora)
+    opt, sched = make_optimizer(model, recipe.optim, tr.max_steps)
     data = [trace_ids_for_sft(tok, t, recipe.data.system_prompt) for t in traces]
     device = next(model.parameters()).device
-    losses = []
-    tokens = 0
-    model.train()
-    for step in range(recipe.training.max_steps):
-        rng = random.Random(seed * 1_000_003 + step)
-        batch = [data[rng.randrange(len(data))] for _ in range(recipe.training.batch_size)]
+
+    def batches(step: int, rng: random.Random) -> list[list[int]]:
+        return [data[rng.randrange(len(data))] for _ in range(tr.batch_size)]
+
+    tokens = [0]
+
+    def objective(batch: list[list[int]], step: int, rng: random.Random):
         ids, mask = pad_right(batch, tok.pad_token_id, device)
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.optim.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        tokens += int(mask.sum())
+        with bf16_compute(model):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        tokens[0] += int(mask.sum())
+        return loss, {"train/tokens": int(mask.sum())}
+
+    res = train(
+        model, batches, objective, opt, sched, max_steps=tr.max_steps, seed=seed, grad_clip=recipe.optim.grad_clip
+    )
     model.eval()
     wall = time.time() - t0
     return model, {
-        "steps": recipe.training.max_steps,
-        "final_loss": losses[-1] if losses else None,
+        "steps": tr.max_steps,
+        "final_loss": res.last.get("loss"),
         "wall_s": wall,
-        "tokens_per_second": tokens / wall if wall else 0.0,
+        "tokens_per_second": tokens[0] / wall if wall else 0.0,
         "peak_memory_mb": peak_memory_mb(device),
     }

@@ -72,6 +72,20 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: many nights: a probe answered by a newer memory is superseded; a consolidation names the stack it replaced
+    """
+    ALTER TABLE probes ADD COLUMN superseded_by TEXT;
+    ALTER TABLE adapters ADD COLUMN replaces TEXT;
+    CREATE TABLE examples (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        trace_id TEXT NOT NULL REFERENCES traces(id),
+        run_id TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        samples_json TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX examples_trace ON examples(trace_id);
+    """,
 ]
 
 
@@ -202,10 +216,14 @@ class Store:
     # probes ---------------------------------------------------------------------------------
     def insert_probe(self, db: sqlite3.Connection, p: Probe) -> bool:
         cur = db.execute(
-            "INSERT OR IGNORE INTO probes VALUES (?,?,?,?,?,?,?)",
-            (p.id, p.trace_id, p.question, p.answer, p.origin, p.split, p.created_at),
+            "INSERT OR IGNORE INTO probes (id, trace_id, question, answer, origin, split, created_at, superseded_by)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (p.id, p.trace_id, p.question, p.answer, p.origin, p.split, p.created_at, p.superseded_by),
         )
         return cur.rowcount == 1
+
+    def supersede_probe(self, db: sqlite3.Connection, probe_id: str, by_trace: str) -> None:
+        db.execute("UPDATE probes SET superseded_by=? WHERE id=?", (by_trace, probe_id))
 
     def probes(
         self, trace_ids: Iterable[str] | None = None, split: str | None = None, origin: str | None = None
@@ -222,6 +240,27 @@ class Store:
             wanted = set(trace_ids)
             out = [p for p in out if p.trace_id in wanted]
         return out
+
+    # examples: the teacher data a night trained on, kept for replay and consolidation ----------------
+    def insert_examples(self, db: sqlite3.Connection, run_id: str, rows: list[tuple[str, str, list[str]]]) -> None:
+        """(trace_id, prompt, samples) rows of one run; a later run's rows for a memory replace earlier ones."""
+        t = now()
+        db.executemany(
+            "INSERT INTO examples (trace_id, run_id, prompt, samples_json, created_at) VALUES (?,?,?,?,?)",
+            [(tid, run_id, p, json.dumps(s), t) for tid, p, s in rows],
+        )
+
+    def examples(self, trace_ids: Iterable[str]) -> dict[str, list[tuple[str, list[str]]]]:
+        """Per memory, the (prompt, samples) of the newest run that wrote any for it."""
+        wanted = set(trace_ids)
+        newest: dict[str, str] = {}
+        out: dict[str, list[tuple[str, list[str]]]] = {}
+        for r in self.db.execute("SELECT trace_id, run_id, prompt, samples_json FROM examples ORDER BY id DESC"):
+            tid = r["trace_id"]
+            if tid not in wanted or newest.setdefault(tid, r["run_id"]) != r["run_id"]:
+                continue
+            out.setdefault(tid, []).append((r["prompt"], json.loads(r["samples_json"])))
+        return {k: list(reversed(v)) for k, v in out.items()}
 
     # runs -----------------------------------------------------------------------------------
     def insert_run(self, run: Run) -> None:
@@ -255,7 +294,8 @@ class Store:
     # adapters -------------------------------------------------------------------------------
     def insert_adapter(self, db: sqlite3.Connection, a: Adapter) -> None:
         db.execute(
-            "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO adapters (id, version, run_id, kind, base_model, parent_id, path, trace_ids_json,"
+            " metrics_json, created_at, replaces) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 a.id,
                 a.version,
@@ -267,8 +307,12 @@ class Store:
                 json.dumps(a.trace_ids),
                 json.dumps(a.metrics),
                 a.created_at,
+                a.replaces,
             ),
         )
+
+    def delete_adapter(self, db: sqlite3.Connection, adapter_id: str) -> None:
+        db.execute("DELETE FROM adapters WHERE id=?", (adapter_id,))
 
     def next_adapter_version(self) -> int:
         return (self.db.execute("SELECT MAX(version) FROM adapters").fetchone()[0] or 0) + 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import shutil
 import tempfile
 import time
@@ -76,18 +77,31 @@ def engine_kwargs(cfg: VLLM, lora_rank: int | None, seed: int) -> dict:
     return kw
 
 
-def save_adapter(peft_model, path: Path) -> None:
-    """The trainable adapter alone, in bf16 (what vLLM computes in): the sync payload."""
+def live_lora(peft_model):
+    """The trainable adapter's tensors and config, as the trainer holds them now."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(peft_model)
-    save_file(
-        {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in state.items()},
-        path / "adapter_model.safetensors",
-    )
-    peft_model.peft_config["default"].save_pretrained(str(path))
+    from .adapters import NEW
+
+    cfg = peft_model.peft_config[NEW]
+    state = get_peft_model_state_dict(peft_model, adapter_name=NEW)
+    targets = sorted(cfg.target_modules) if not isinstance(cfg.target_modules, str) else [cfg.target_modules]
+    return {k: v.detach() for k, v in state.items()}, {
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": targets,
+    }
+
+
+def sync_dir(workdir: str | Path | None) -> Path:
+    """Where adapters are written for vLLM to read: tmpfs (/dev/shm) when there is one, so a sync never
+    touches a disk; else the home's tmp folder."""
+    shm = Path("/dev/shm")
+    base = shm if workdir is None and shm.is_dir() and os.access(shm, os.W_OK) else workdir
+    if base is not None:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="sleepctl-vllm-", dir=base))
 
 
 class VLLMEngine:
@@ -108,11 +122,12 @@ class VLLMEngine:
 
         self.tok, self.cfg = tokenizer, cfg
         self.lora_enabled = lora_rank is not None
-        if workdir is not None:
-            Path(workdir).mkdir(parents=True, exist_ok=True)
-        self.workdir = Path(tempfile.mkdtemp(prefix="sleepctl-vllm-", dir=workdir))
+        self.lora_rank = lora_slot(lora_rank) if lora_rank else None
+        self.workdir = sync_dir(workdir)
         self.lora = None  # the LoRARequest that answers now
+        self.frozen = None  # the stack under the trainer's adapter (adapters.LoraState), served with it
         self.version: int | None = None  # trainer weight version the served adapter holds
+        self.served: str | None = None  # key of the inference adapter served by `serve`
         self._next_id = 1
         self.asleep = False
         self.timings: dict[str, float] = {"sleep_s": 0.0, "wake_s": 0.0, "sync_s": 0.0, "syncs": 0}
@@ -132,26 +147,51 @@ class VLLMEngine:
     # --- weights -------------------------------------------------------------------------------------
 
     def sync(self, model, version: int) -> None:
-        """Serve the trainer's current adapter: a new id per weight version, the old one dropped."""
-        if not self.lora_enabled or version == self.version:
+        """Serve the trainer's current adapter (over the frozen stack): a new id per weight version."""
+        if not self.lora_enabled or (version == self.version and self.served is None):
             return
-        from vllm.lora.request import LoRARequest
+        from .adapters import concat_loras
 
         t0 = time.time()
+        self._load(concat_loras([p for p in (self.frozen, live_lora(model)) if p is not None]))
+        self.version, self.served = version, None
+        self.timings["sync_s"] += time.time() - t0
+        self.timings["syncs"] += 1
+
+    def serve(self, lora, key: str | None = None) -> None:
+        """Sample from this adapter (None: the plain base) until the next `serve` or `sync`."""
+        key = key or ("base" if lora is None else None)
+        if key is not None and key == self.served:
+            return
+        if lora is None:
+            self._drop()
+        else:
+            self._load(lora)
+        self.version, self.served = None, key or f"lora:{self._next_id - 1}"
+
+    def _load(self, lora) -> None:
+        from vllm.lora.request import LoRARequest
+
+        from .adapters import write_lora
+
         self.wake()
         lid = self._next_id
         self._next_id += 1
         path = self.workdir / f"lora-{lid}"
-        save_adapter(model, path)
+        write_lora(lora, path)
         old = self.lora
+        # a new name per weight version: vLLM's prefix cache is keyed by the LoRA's name
         self.lora = LoRARequest(f"sleepctl-{lid}", lid, str(path))
         self.llm.llm_engine.add_lora(self.lora)
         if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
             shutil.rmtree(old.lora_path, ignore_errors=True)
-        self.version = version
-        self.timings["sync_s"] += time.time() - t0
-        self.timings["syncs"] += 1
+
+    def _drop(self) -> None:
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+            shutil.rmtree(self.lora.lora_path, ignore_errors=True)
+            self.lora = None
 
     def sleep(self) -> None:
         """Give the GPU back to the trainer (weights to host memory, KV cache dropped), if the recipe asks."""

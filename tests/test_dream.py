@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from sleepctl import record
-from sleepctl.dream import dream, dream_lock
+from sleepctl.dream import dream
 from sleepctl.errors import LockedError
-from sleepctl.home import open_home
+from sleepctl.home import open_home, sleep_lock
 from sleepctl.memories import open_store
 from sleepctl.seed import seed
 
@@ -59,7 +59,9 @@ def test_dream_end_to_end(home, seeded):
     assert len(json.loads((run / "scores.json").read_text())) == len(dreams)
     with open_store(home) as st:
         a = st.adapter(res.adapter_id)
-        assert a.kind == "dream" and a.parent_id == first.adapter_id and a.version == 2
+        # the dream refines the night's adapter in place: same place in the stack, it replaces the seed's
+        assert a.kind == "dream" and a.parent_id is None and a.replaces == first.adapter_id and a.version == 2
+        assert a.trace_ids == st.adapter(first.adapter_id).trace_ids
         assert (st.current_adapter_id() == a.id) == res.made_current
         assert st.counts()["pending"] == 0  # a dream adds no memories and re-pends none
     assert (home / "logs" / "dream.log").read_text().count("dream run") == 1
@@ -67,11 +69,11 @@ def test_dream_end_to_end(home, seeded):
 
 def test_second_run_refused_while_locked(home, seeded):
     _, recipe = seeded
-    with dream_lock(open_home(home)):
+    with sleep_lock(open_home(home), "seed"):  # one job that publishes adapters at a time, whichever it is
         r = cli("dream", "--recipe", str(recipe), "--home", str(home))
         with pytest.raises(LockedError):
             dream(str(recipe), home=home, show_progress=False)
-    assert r.returncode == 75 and b"another dream run holds" in r.stderr
+    assert r.returncode == 75 and b"another sleepctl job holds" in r.stderr and b"seed, pid" in r.stderr
 
 
 def test_time_budget_stops_cleanly_then_resumes(home, seeded):

@@ -16,8 +16,8 @@ from sleepctl.training import add_lora, completion_logits
 from sleepctl.vllm_engine import (
     check_logprobs,
     engine_kwargs,
+    live_lora,
     lora_slot,
-    save_adapter,
     trainer_logprobs,
     unavailable_reason,
 )
@@ -97,7 +97,9 @@ def test_saved_adapter_is_a_peft_adapter_with_the_same_outputs(tiny_dir, tmp_pat
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    save_adapter(model, tmp_path / "a")
+    from sleepctl.adapters import write_lora
+
+    write_lora(live_lora(model), tmp_path / "a")  # what vLLM receives on each sync
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
     fresh, _ = load_model(str(tiny_dir), "cpu", "float32")

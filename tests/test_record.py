@@ -179,9 +179,11 @@ def test_two_processes_record_at_once(home):
 def test_schema_on_blank_database_and_idempotent_migrations(home):
     with open_store(home, create=True) as st:
         tables = {r[0] for r in st.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"traces", "probes", "runs", "adapters", "state", "schema_migrations"} <= tables
+        assert {"traces", "probes", "runs", "adapters", "state", "examples", "schema_migrations"} <= tables
     with open_store(home) as st:  # reopening runs no migration twice
-        assert [r[0] for r in st.db.execute("SELECT version FROM schema_migrations")] == [1]
+        assert [r[0] for r in st.db.execute("SELECT version FROM schema_migrations")] == [1, 2]
+        cols = {r[1] for r in st.db.execute("PRAGMA table_info(probes)")}
+        assert "superseded_by" in cols
 
 
 def test_cli_record_list_show_json(home, tmp_path):

@@ -83,7 +83,7 @@ def test_second_night_stacks_on_frozen_first(home, tmp_path, tiny_dir, small_mem
     assert second.adapter_version == 2 and second.memories == 2
     assert p1.read_bytes() == before  # the first adapter is frozen
     with open_store(home) as st:
-        from sleepctl.runs import lineage, rollback
+        from sleepctl.adapters import lineage, rollback
 
         a2 = st.adapter(second.adapter_id)
         assert a2.parent_id == first.adapter_id and [a.version for a in lineage(st, a2.id)] == [1, 2]
@@ -115,7 +115,7 @@ def test_resume_matches_straight_run(tmp_path, tiny_dir, small_memories, monkeyp
     record([small_memories], home=resumed_home)
     straight = _metrics(seed(str(recipe), home=straight_home, show_progress=False).run_dir)
 
-    import sleepctl.seed as seed_mod
+    import sleepctl.loop as seed_mod  # the one loop writes every checkpoint
 
     real = seed_mod.save_checkpoint
 

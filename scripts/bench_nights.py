@@ -1,0 +1,393 @@
+"""Many nights in a row: record, seed, dream (optional), consolidate when the recipe says so, evaluate.
+
+    make bench-nights                                              # quick CPU recipe, the full method
+    python scripts/bench_nights.py --recipe qwen-small-large --teacher small --student large \\
+        --set engine=vllm --configs stack,replay,replay+anchor,full --seeds 3          # on a GPU
+
+Memory sets: benchmarks/nights/night1.jsonl .. night5.jsonl (fictional; later nights correct earlier
+facts, some facts arrive only in tool results; benchmarks/nights/README.md). Per night and configuration:
+recall of the new night's user probes, recall of every earlier night (a retention matrix, on the probes
+no later memory corrects), update probes answered with the latest value (and with a stale one), general
+perplexity drift and KL(base || adapter) drift, wall time per phase. One table, JSON, and a PNG of the
+retention curves. Models and vLLM engines stay loaded across nights and configurations (one process).
+
+Configurations (ablations, each on the same nights and probes):
+  stack           what the tool did before: each night a new adapter on the frozen stack, trained on the
+                  new memories alone (no replay, no related memories in the teacher's view, no anchor)
+  replay          + replay of earlier memories, related memories shown to the teacher in time order
+  replay+anchor   + the KL anchor to the base on general text
+  full            + consolidation of the stack (the recipe as it is)
+A benchmark, not a test: it measures and prints; nothing here fails on a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from sleepctl import record
+from sleepctl.adapters import lineage
+from sleepctl.consolidate import consolidate
+from sleepctl.dream import dream
+from sleepctl.engines import release_engines
+from sleepctl.evaluate import evaluate
+from sleepctl.memories import open_store
+from sleepctl.recipe import load_recipe, parse_overrides
+from sleepctl.scoring import contains_match
+from sleepctl.seed import seed
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    "stack": {
+        "replay.fraction": 0.0,
+        "replay.max_related": 0,
+        "anchor.kl_coef": 0.0,
+        "consolidate.max_adapters": 64,
+    },
+    "replay": {"anchor.kl_coef": 0.0, "consolidate.max_adapters": 64},
+    "replay+anchor": {"consolidate.max_adapters": 64},
+    "full": {},
+}
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), {platform.machine()}"
+    import os
+
+    return f"CPU, {os.cpu_count()} cores, {platform.machine()}"
+
+
+def load_nights(folder: Path, n: int) -> list[list[dict]]:
+    nights = []
+    for k in range(1, n + 1):
+        p = folder / f"night{k}.jsonl"
+        nights.append([json.loads(x) for x in p.read_text().splitlines() if x.strip()])
+    return nights
+
+
+def run_config(name: str, nights: list[list[dict]], args, overrides: dict, seed_no: int, out: Path) -> dict:
+    """All nights of one configuration and training seed in a fresh home; a row of figures per night."""
+    home = out / f"{name}-seed{seed_no}" / "home"
+    ov = {**overrides, **CONFIGS[name], "training.seed": seed_no}
+    load_recipe(args.recipe, ov)  # a bad override fails here, before any night
+    con = Console(stderr=True)
+    memory_night: dict[str, int] = {}
+    corrected = {q for recs in nights for r in recs for q in _corrects(r)}
+    updates: dict[str, list[tuple[int, str]]] = {q: [] for q in corrected}  # question -> [(night, answer)]
+    rows = []
+    for k, recs in enumerate(nights, start=1):
+        t0 = time.time()
+        src = home.parent / f"night{k}.jsonl"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        clean = [{key: v for key, v in r.items() if key != "corrects"} for r in recs]  # the benchmark's own field
+        src.write_text("".join(json.dumps(r) + "\n" for r in clean))
+        for tid in record([src], home=home).added:
+            memory_night[tid] = k
+        for r in recs:
+            for p in r.get("probes", []):
+                if p["question"] in updates:
+                    updates[p["question"]].append((k, p["answer"]))
+        phases: dict[str, float] = {}
+        t = time.time()
+        s = seed(
+            args.recipe,
+            home=home,
+            teacher=args.teacher,
+            student=args.student,
+            overrides=ov,
+            show_progress=False,
+            keep_engines=True,
+        )
+        phases["seed"] = time.time() - t
+        d = None
+        if args.dream:
+            t = time.time()
+            d = dream(args.recipe, home=home, overrides=ov, show_progress=False, consolidate=False, keep_engines=True)
+            phases["dream"] = time.time() - t
+        c = None
+        t = time.time()
+        c = consolidate(args.recipe, home=home, if_needed=True, overrides=ov, show_progress=False, keep_engines=True)
+        phases["consolidate"] = time.time() - t
+        t = time.time()
+        ev = evaluate(home=home, overrides=ov, keep_outputs=True, keep_engines=True)
+        phases["eval"] = time.time() - t
+        wall = time.time() - t0
+        row = night_row(k, ev, memory_night, updates)
+        with open_store(home) as st:
+            depth = len(lineage(st, st.current_adapter_id()))
+        row.update(
+            {
+                "wall_s": wall,
+                "phases_s": phases,
+                "stack_depth": depth,
+                "seed_replayed": s.replayed,
+                "seed_kl_drift": s.kl_drift,
+                "dream": None
+                if d is None
+                else {"status": d.status, "made_current": d.made_current, "rewarded": d.rewarded},
+                "consolidation": None
+                if c.status == "nothing"
+                else {"status": c.status, "made_current": c.made_current, "worse": c.worse},
+            }
+        )
+        rows.append(row)
+        con.print(
+            f"[{name} seed {seed_no}] night {k}: new {_pct(row['recall'][k])}, night 1 {_pct(row['recall'][1])}, "
+            f"updates {_pct(row['update_latest'])}, ppl {row['ppl_change']:+.1%}, KL {row['kl_drift'] or 0:.4f}, "
+            f"{wall:.0f} s ({', '.join(f'{a} {b:.0f} s' for a, b in phases.items())}), stack {depth}"
+        )
+    return {"config": name, "seed": seed_no, "nights": rows, "home": str(home)}
+
+
+def night_row(k: int, ev, memory_night: dict[str, int], updates: dict[str, list[tuple[int, str]]]) -> dict:
+    """Recall per night of origin on stable user probes; latest-value accuracy on corrected questions."""
+    base = {m.method: m for m in ev.methods}
+    sleep = [r for m in ev.methods if m.method == "sleep" for r in m.results]
+    incontext = [r for m in ev.methods if m.method == "in-context" for r in m.results]
+    corrected = set(updates)
+    by_night: dict[int, list[bool]] = {}
+    for r in sleep:
+        j = memory_night.get(r.trace_id)
+        if j is None or r.question in corrected or not _user(r):
+            continue
+        by_night.setdefault(j, []).append(r.contains)
+    ic: dict[int, list[bool]] = {}
+    for r in incontext:
+        j = memory_night.get(r.trace_id)
+        if j == k and r.question not in corrected and _user(r):
+            ic.setdefault(j, []).append(r.contains)
+    latest, stale = [], []
+    sleep_by_q: dict[str, list] = {}
+    for r in sleep:
+        sleep_by_q.setdefault(r.question, []).append(r)
+    for q, hist in updates.items():
+        seen = [(n, a) for n, a in hist if n <= k]
+        if len(seen) < 2:
+            continue  # not corrected yet by night k
+        new_a, old_a = seen[-1][1], seen[-2][1]
+        outs = [r.output for r in sleep_by_q.get(q, [])]
+        if outs:
+            o = outs[0]
+            latest.append(contains_match(o, new_a))
+            stale.append(contains_match(o, old_a))
+    ppl = ev.perplexity
+    return {
+        "night": k,
+        "recall": {j: statistics.mean(v) for j, v in sorted(by_night.items())},
+        "probes": {j: len(v) for j, v in sorted(by_night.items())},
+        "in_context": statistics.mean(ic[k]) if ic.get(k) else None,
+        "update_latest": statistics.mean(latest) if latest else None,
+        "update_stale": statistics.mean(stale) if stale else None,
+        "updates_checked": len(latest),
+        "ppl": ppl.get("sleep"),
+        "ppl_base": ppl.get("base"),
+        "ppl_change": ppl["sleep"] / ppl["base"] - 1 if ppl.get("sleep") else 0.0,
+        "kl_drift": ev.kl_drift,
+        "superseded": ev.superseded,
+        "all_probe_recall": base["sleep"].contains if "sleep" in base else None,
+    }
+
+
+def _user(r) -> bool:
+    return r.origin == "user"
+
+
+def _corrects(r: dict) -> list[str]:
+    c = r.get("corrects", [])
+    return [c] if isinstance(c, str) else list(c)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _stat(runs: list[dict], f) -> dict | None:
+    xs = [x for x in (f(r) for r in runs) if x is not None]
+    if not xs:
+        return None
+    return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def _kept(r: dict) -> float | None:
+    first, last = r["nights"][0]["recall"].get(1), r["nights"][-1]["recall"].get(1)
+    return (last or 0.0) / first if first else None
+
+
+def summarise(results: list[dict]) -> dict:
+    """Mean and spread over training seeds of each configuration's headline figures (after the last night)."""
+    out: dict = {}
+    for name in dict.fromkeys(r["config"] for r in results):
+        runs = [r for r in results if r["config"] == name]
+        out[name] = {
+            "night1_after_night1": _stat(runs, lambda r: r["nights"][0]["recall"].get(1)),
+            "night1_after_last": _stat(runs, lambda r: r["nights"][-1]["recall"].get(1)),
+            "night1_kept": _stat(runs, _kept),
+            "new_night_recall_min": _stat(runs, lambda r: min(n["recall"].get(n["night"], 0) for n in r["nights"])),
+            "new_night_recall_mean": _stat(
+                runs, lambda r: statistics.mean(n["recall"].get(n["night"], 0) for n in r["nights"])
+            ),
+            "update_latest_last": _stat(runs, lambda r: r["nights"][-1]["update_latest"]),
+            "update_stale_last": _stat(runs, lambda r: r["nights"][-1]["update_stale"]),
+            "ppl_change_last": _stat(runs, lambda r: r["nights"][-1]["ppl_change"]),
+            "kl_drift_last": _stat(runs, lambda r: r["nights"][-1]["kl_drift"]),
+            "night_wall_max_s": _stat(runs, lambda r: max(n["wall_s"] for n in r["nights"])),
+            "night_wall_mean_s": _stat(runs, lambda r: statistics.mean(n["wall_s"] for n in r["nights"])),
+        }
+    return out
+
+
+def plot(results: list[dict], n: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["config"] for r in results))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        runs = [r for r in results if r["config"] == name]
+        for j in range(1, n + 1):
+            xs = list(range(j, n + 1))
+            ys = [statistics.mean(100 * r["nights"][k - 1]["recall"].get(j, 0.0) for r in runs) for k in xs]
+            ax.plot(xs, ys, "o-", label=f"night {j}")
+        upd = [statistics.mean(100 * (r["nights"][k - 1]["update_latest"] or 0) for r in runs) for k in range(1, n + 1)]
+        ax.plot(range(1, n + 1), upd, "k--", label="updates (latest)")
+        ax.set_title(f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.set_xlabel("after night")
+        ax.set_ylim(0, 105)
+        ax.set_xticks(range(1, n + 1))
+    axes[0][0].set_ylabel("closed-book recall of user probes (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_tables(results: list[dict], summary: dict, n: int, title: str) -> None:
+    con = Console()
+    for r in results:
+        t = Table(title=f"{r['config']}, training seed {r['seed']}: recall of each night's user probes after night k")
+        t.add_column("after")
+        for j in range(1, n + 1):
+            t.add_column(f"night {j}", justify="right")
+        for c in ("updates latest / stale", "ppl", "KL drift", "stack", "wall"):
+            t.add_column(c, justify="right")
+        for row in r["nights"]:
+            cells = [_pct(row["recall"].get(j)) if j <= row["night"] else "" for j in range(1, n + 1)]
+            t.add_row(
+                f"night {row['night']}",
+                *cells,
+                f"{_pct(row['update_latest'])} / {_pct(row['update_stale'])}",
+                f"{row['ppl_change']:+.1%}",
+                "-" if row["kl_drift"] is None else f"{row['kl_drift']:.4f}",
+                str(row["stack_depth"]),
+                f"{row['wall_s']:.0f} s",
+            )
+        con.print(t)
+    t = Table(title=title)
+    for c in (
+        "config",
+        "night 1: after 1",
+        "after last",
+        "kept",
+        "new night (min / mean)",
+        "updates latest",
+        "stale",
+        "ppl drift",
+        "KL drift",
+        "night wall (max)",
+    ):
+        t.add_column(c, justify="left" if c == "config" else "right")
+
+    def f(x, pct=True):
+        if x is None:
+            return "-"
+        m, sd, k = x["mean"], x["sd"], x["n"]
+        s = f"{100 * m:.1f}%" if pct else f"{m:.0f} s"
+        return s + (f" ± {100 * sd:.1f}" if pct and k > 1 else (f" ± {sd:.0f}" if k > 1 else ""))
+
+    for name, s in summary.items():
+        t.add_row(
+            name,
+            f(s["night1_after_night1"]),
+            f(s["night1_after_last"]),
+            f(s["night1_kept"]),
+            f"{f(s['new_night_recall_min'])} / {f(s['new_night_recall_mean'])}",
+            f(s["update_latest_last"]),
+            f(s["update_stale_last"]),
+            f(s["ppl_change_last"]),
+            "-" if s["kl_drift_last"] is None else f"{s['kl_drift_last']['mean']:.4f}",
+            f(s["night_wall_max_s"], pct=False),
+        )
+    con.print(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="quick-cpu")
+    ap.add_argument("--nights-dir", default=str(ROOT / "benchmarks" / "nights"))
+    ap.add_argument("--nights", type=int, default=5)
+    ap.add_argument("--configs", default="full", help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    ap.add_argument("--seeds", type=int, default=1, help="training seeds per configuration (mean ± sd)")
+    ap.add_argument("--dream", action="store_true", help="dream after each seed")
+    ap.add_argument("--teacher")
+    ap.add_argument("--student")
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "nights"))
+    ap.add_argument("--name")
+    args = ap.parse_args()
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        ap.error(f"unknown configuration {bad[0]!r}; choose from {', '.join(CONFIGS)}")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name = args.name or f"nights-{Path(args.recipe).stem}-{stamp}"
+    out = Path(args.out) / name
+    out.mkdir(parents=True, exist_ok=True)
+    nights = load_nights(Path(args.nights_dir), args.nights)
+    overrides = parse_overrides(args.overrides)
+    path = out / "results.json"
+    result = {
+        "name": name,
+        "recipe": args.recipe,
+        "overrides": overrides,
+        "machine": machine(),
+        "nights": args.nights,
+        "memories_per_night": [len(x) for x in nights],
+        "dream": args.dream,
+        "runs": [],
+    }
+    t0 = time.time()
+    try:
+        for s in range(args.seeds):
+            for c in configs:
+                result["runs"].append(run_config(c, nights, args, overrides, s, out))
+                result["summary"] = summarise(result["runs"])
+                result["wall_s"] = time.time() - t0
+                path.write_text(json.dumps(result, indent=2))  # as it goes: a cut-off run still reports
+    finally:
+        release_engines()
+    plot(result["runs"], args.nights, out / "retention.png")
+    print_tables(
+        result["runs"],
+        result["summary"],
+        args.nights,
+        f"sleepctl bench-nights: {args.recipe}, {args.nights} nights of {nights and len(nights[0])} memories, "
+        f"{args.seeds} training seed(s), {machine()}",
+    )
+    Console(stderr=True).print(f"results: {path}\nplot: {out / 'retention.png'}")
+
+
+if __name__ == "__main__":
+    main()

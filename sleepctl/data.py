@@ -1,0 +1,263 @@
+"""What a night trains on: prompts, teacher answers and probes per memory, and the time order of memories.
+
+The teacher writes questions about each memory while it sees it; some become probes (a held-out part is
+never trained on); it answers the rest with the memory in context. Restatements ("what do you remember
+about X?") are answered by the memory itself. A memory that names the same things as other memories is
+shown to the teacher with them, oldest first and dated, with the instruction that the most recent is true:
+so when a later memory corrects an earlier one, every answer the teacher writes or scores uses the new
+value, and the earlier memory's probes on that question stop counting (superseded).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from .errors import SleepError
+from .prompts import (
+    Memory,
+    entities,
+    entity_prompts,
+    parse_questions,
+    question_request,
+    render,
+    restatement,
+    restatement_prompts,
+    user_turns,
+)
+from .recipe import Recipe
+from .records import Probe, Trace
+from .scoring import contains_match, grounded, token_f1
+from .store import Store, new_id, now
+
+
+@dataclass
+class Example:
+    trace_id: str
+    prompt: str  # the user turn x
+    samples: list[str]  # teacher answers given c and x (or the memory itself, for a restatement)
+
+
+# --- time order and related memories ----------------------------------------------------------------------
+
+
+def link(traces: list[Trace], others: list[Trace], max_related: int) -> dict[str, list[Trace]]:
+    """For each trace, up to `max_related` other memories that name the same things (most shared names first)."""
+    if max_related <= 0:
+        return {}
+    everyone = {t.id: t for t in [*traces, *others]}
+    names = {i: {e.lower() for e in entities(t.text, 12)} for i, t in everyone.items()}
+    out: dict[str, list[Trace]] = {}
+    for t in traces:
+        shared = [(len(names[t.id] & names[o]), o) for o in everyone if o != t.id and names[t.id] & names[o]]
+        shared.sort(key=lambda x: (-x[0], x[1]), reverse=False)
+        if shared:
+            out[t.id] = [everyone[o] for _, o in shared[:max_related]]
+    return out
+
+
+def recorded(t: Trace) -> str:
+    return t.created_at[:16].replace("T", " ")
+
+
+def context(t: Trace, related: dict[str, list[Trace]]) -> list[Memory]:
+    """The memory block the teacher sees for `t`: it alone, or with its related memories in time order."""
+    group = sorted([t, *related.get(t.id, [])], key=lambda x: (x.created_at, x.id))
+    return [(recorded(x), x.text) for x in group] if len(group) > 1 else [t.text]
+
+
+def is_restatement(e: Example, t: Trace) -> bool:
+    return e.samples == [restatement(t)]
+
+
+# --- building the teacher data ------------------------------------------------------------------------------
+
+
+def build_data(
+    traces: list[Trace],
+    recipe: Recipe,
+    t_engine,
+    t_tok,
+    st: Store,
+    rng: random.Random,
+    seed: int,
+    related: dict[str, list[Trace]] | None = None,
+) -> tuple[list[Example], list[Probe]]:
+    """Prompts, probes and teacher answers for every memory.
+
+    Questions about a memory carry it; a user turn like "heads up: X moved" only draws an acknowledgement.
+    So the teacher, seeing the memory, writes questions; some become probes, held out from training.
+    """
+    related = related or {}
+    d = recipe.data
+    sysp = d.system_prompt
+    gen = dict(max_new_tokens=d.max_new_tokens)
+    questions: dict[str, list[str]] = {t.id: [] for t in traces}
+    if d.questions_per_memory + d.probes_per_memory > 0:
+        asks = [
+            render(t_tok, sysp, question_request(t.text, d.questions_per_memory + d.probes_per_memory)) for t in traces
+        ]
+        out = t_engine.generate(
+            asks,
+            max_new_tokens=max(128, 24 * (d.questions_per_memory + d.probes_per_memory)),
+            temperature=0.0,
+            seed=seed,
+        )
+        for t, text in zip(traces, out.texts):
+            questions[t.id] = parse_questions(text, d.questions_per_memory + d.probes_per_memory)
+
+    # Probes: a teacher question whose greedy and sampled answers agree and stay grounded in the memory.
+    cand = [(t, q) for t in traces for q in questions[t.id][: max(d.probes_per_memory * 2, d.probes_per_memory)]]
+    probes: list[Probe] = []
+    if cand and d.probes_per_memory > 0:
+        p_text = [render(t_tok, sysp, q, context(t, related)) for t, q in cand]
+        greedy = t_engine.generate(p_text, temperature=0.0, seed=seed, **gen).texts
+        sampled = t_engine.generate(p_text, temperature=recipe.loss.teacher_temperature, seed=seed + 1, **gen).texts
+        per_mem: dict[str, int] = {}
+        for (t, q), a, b in zip(cand, greedy, sampled):
+            if per_mem.get(t.id, 0) >= d.probes_per_memory:
+                continue
+            if a and token_f1(a, b) >= 0.4 and grounded(a, t.text):
+                split = "heldout" if rng.random() < d.heldout_fraction else "train"
+                probes.append(
+                    Probe(
+                        id=new_id("p"),
+                        trace_id=t.id,
+                        question=q,
+                        answer=a,
+                        origin="teacher",
+                        split=split,
+                        created_at=now(),
+                    )
+                )
+                per_mem[t.id] = per_mem.get(t.id, 0) + 1
+    heldout_q = {p.question for p in probes if p.split == "heldout"}
+    user_heldout = {p.question for p in st.probes([t.id for t in traces], split="heldout")}
+
+    prompts: list[tuple[Trace, str]] = []
+    for t in traces:
+        ps = (user_turns(t) if d.user_turns else []) + entity_prompts(t.text, d.entity_prompts)
+        ps += [q for q in questions[t.id] if q not in heldout_q]
+        seen = set()
+        for p in ps:
+            if p not in seen and p not in user_heldout:  # held-out probes never train
+                seen.add(p)
+                prompts.append((t, p))
+    answers = teacher_answers(recipe, t_engine, t_tok, [(p, context(t, related)) for t, p in prompts], seed)
+    # Restatements: the teacher does not write these answers, it scores them. The output is the memory
+    # itself (GKD's fixed-output data), so a weak teacher cannot drift from the facts.
+    examples = [
+        Example(t.id, p, [restatement(t)])
+        for t in traces
+        for p in restatement_prompts(t.text, d.restatements)
+        if p not in user_heldout
+    ]
+    examples += grounded_examples(recipe, prompts, answers)
+    if not examples:
+        raise SleepError(
+            "no training example could be made from the pending memories",
+            hint="check the teacher model (a bigger teacher helps) and the data section of the recipe",
+        )
+    return examples, probes
+
+
+def teacher_answers(
+    recipe: Recipe, t_engine, t_tok, asks: list[tuple[str, list[Memory]]], seed: int
+) -> list[list[str]]:
+    """`teacher_samples` answers per (prompt, memory block): the first greedy, the others sampled."""
+    if not asks:
+        return []
+    sysp = recipe.data.system_prompt
+    texts = [render(t_tok, sysp, p, mem) for p, mem in asks]
+    gen = dict(max_new_tokens=recipe.data.max_new_tokens)
+    answers = [t_engine.generate(texts, temperature=0.0, seed=seed, **gen).texts]
+    for k in range(1, recipe.data.teacher_samples):
+        answers.append(
+            t_engine.generate(texts, temperature=recipe.loss.teacher_temperature, seed=seed + 10 + k, **gen).texts
+        )
+    return answers
+
+
+def grounded_examples(recipe: Recipe, prompts: list[tuple[Trace, str]], answers: list[list[str]]) -> list[Example]:
+    out = []
+    for i, (t, p) in enumerate(prompts):
+        # An answer that is not grounded in the memory is the teacher inventing: never teach it.
+        samples = list(
+            dict.fromkeys(
+                a[i] for a in answers if a[i].strip() and (not recipe.data.grounded_only or grounded(a[i], t.text))
+            )
+        )
+        if samples:
+            out.append(Example(t.id, p, samples))
+    return out
+
+
+def refresh(
+    olds: list[Trace],
+    cached: dict[str, list[Example]],
+    recipe: Recipe,
+    t_engine,
+    t_tok,
+    related: dict[str, list[Trace]],
+    seed: int,
+) -> list[Example]:
+    """Earlier memories that a new memory touches: their answers rewritten with both in view, oldest first.
+
+    A cached answer was written when the teacher knew only the older memory ("standup at 9:30"); replayed
+    as it is, it would teach the value a newer memory corrected. Restatements of such a memory (its own
+    text) are dropped for the same reason: the newer memory's restatement carries the new value.
+    """
+    prompts = [(t, e.prompt) for t in olds for e in cached.get(t.id, []) if not is_restatement(e, t)]
+    answers = teacher_answers(recipe, t_engine, t_tok, [(p, context(t, related)) for t, p in prompts], seed + 7)
+    return grounded_examples(recipe, prompts, answers)
+
+
+# --- superseded probes --------------------------------------------------------------------------------------
+
+
+def _norm_q(q: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", " ".join(q.lower().split()))
+
+
+def superseded(new: list[Trace], everyone: list[Trace], probes: list[Probe]) -> list[tuple[str, str]]:
+    """(old probe id, newer memory id) where a newer memory has a probe with the same question and another answer.
+
+    The probes' own words decide, whatever the teacher sees: a user who asks the same question of a later
+    memory has said which answer now holds.
+    """
+    order = {t.id: (t.created_at, t.id) for t in everyone}
+    by_q: dict[str, list[Probe]] = {}
+    for p in probes:
+        by_q.setdefault(_norm_q(p.question), []).append(p)
+    out = []
+    for n in new:
+        for q in (p for p in probes if p.trace_id == n.id):
+            for p in by_q.get(_norm_q(q.question), []):
+                older = p.trace_id in order and order[p.trace_id] < order[n.id]
+                if older and p.superseded_by is None and not contains_match(q.answer, p.answer):
+                    out.append((p.id, n.id))
+    return out
+
+
+def recheck(
+    olds: list[Trace], probes: list[Probe], recipe: Recipe, t_engine, t_tok, related: dict[str, list[Trace]], seed: int
+) -> list[tuple[str, str]]:
+    """Teacher probes of earlier memories that a new memory touches, answered again with both in view; a
+    probe whose answer no longer holds is superseded by the newest related memory. User probes are the
+    user's word and are superseded only by a newer probe with the same question (`superseded`)."""
+    cand = [
+        (t, p) for t in olds for p in probes if p.trace_id == t.id and p.origin == "teacher" and not p.superseded_by
+    ]
+    if not cand:
+        return []
+    sysp = recipe.data.system_prompt
+    texts = [render(t_tok, sysp, p.question, context(t, related)) for t, p in cand]
+    outs = t_engine.generate(texts, temperature=0.0, seed=seed, max_new_tokens=recipe.data.max_new_tokens).texts
+    res = []
+    for (t, p), o in zip(cand, outs):
+        if not contains_match(o, p.answer):
+            newest = max(related.get(t.id, [t]), key=lambda x: (x.created_at, x.id))
+            if (newest.created_at, newest.id) > (t.created_at, t.id):
+                res.append((p.id, newest.id))
+    return res

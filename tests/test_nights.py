@@ -1,0 +1,386 @@
+"""Many nights on tiny models: the stack as one LoRA, replay, the anchor, newer facts, consolidation, prune."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from sleepctl import record
+from sleepctl.adapters import concat_loras, lineage, read_lora, rollback, stack_lora
+from sleepctl.consolidate import consolidate
+from sleepctl.errors import SleepError
+from sleepctl.evaluate import evaluate
+from sleepctl.general_text import anchor_paragraphs, drift_items, reference_paragraphs
+from sleepctl.memories import open_store
+from sleepctl.models import load_model
+from sleepctl.seed import seed
+
+from .conftest import EXAMPLES, cli, write_recipe
+
+NIGHTS = {
+    "replay": {"fraction": 0.5, "max_memories": 8, "sampling": "weakest", "max_related": 2},
+    "anchor": {"kl_coef": 0.5, "batch_size": 2, "max_tokens": 24, "drift_prompts": 4},
+    "consolidate": {"max_adapters": 2, "steps_per_memory": 1.0, "max_steps": 6},
+}
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lines(tmp_path, name: str, lines: list[str]) -> Path:
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_dir):
+    return write_recipe(tmp_path / "r.yaml", tiny_dir, **NIGHTS)
+
+
+def test_stack_is_one_lora_equal_to_its_parts(home, tmp_path, tiny_dir, recipe, small_memories):
+    """sum_i s_i B_i A_i == [s_1 B_1 | s_2 B_2] [A_1; A_2]: the frozen stack as one adapter changes no output."""
+    from peft import PeftModel
+
+    record([small_memories], home=home)
+    seed(str(recipe), home=home, show_progress=False)
+    record([_lines(tmp_path, "b.jsonl", EXAMPLES.read_text().splitlines()[3:5])], home=home)
+    seed(str(recipe), home=home, show_progress=False)
+    with open_store(home) as st:
+        stack = lineage(st, st.current_adapter_id())
+    assert len(stack) == 2
+    for a in stack:  # give the adapters some weight, so agreement below means something
+        t, cfg = read_lora(a.path)
+        torch.manual_seed(a.version)
+        from safetensors.torch import save_file
+
+        save_file({k: torch.randn_like(v) * 0.2 for k, v in t.items()}, Path(a.path) / "adapter_model.safetensors")
+    ids = torch.tensor([[5, 17, 300, 9, 44, 12]])
+    one, _ = load_model(str(tiny_dir), "cpu", "float32")
+    seq = one
+    for a in stack:  # the old way: each adapter merged into the weights in turn
+        seq = PeftModel.from_pretrained(seq, a.path).merge_and_unload()
+    from sleepctl.adapters import attach_stack
+
+    two, _ = load_model(str(tiny_dir), "cpu", "float32")
+    plain = two(input_ids=ids).logits
+    both = attach_stack(two, stack)
+    with torch.no_grad():
+        want, got = seq(input_ids=ids).logits, both(input_ids=ids).logits
+        with both.disable_adapter():
+            base = both(input_ids=ids).logits
+    assert (want - plain).abs().max() > 0.05
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(base, plain)  # the base weights were never touched
+    # training over the stack: only the new adapter is trainable, also after the base was asked for
+    from sleepctl.recipe import Lora
+    from sleepctl.training import add_lora
+
+    three, _ = load_model(str(tiny_dir), "cpu", "float32")
+    trainee = add_lora(three, Lora(r=4, alpha=8), stack)
+    with trainee.disable_adapter():  # PEFT marks active adapters trainable again on the way out
+        pass
+    names = [n for n, p in trainee.named_parameters() if p.requires_grad]
+    assert names and all(".default." in n for n in names)
+    merged = concat_loras([read_lora(a.path) for a in stack])
+    assert merged[1]["r"] == sum(read_lora(a.path)[1]["r"] for a in stack) == stack_lora(stack)[1]["r"]
+
+
+def test_second_night_replays_the_first_and_the_anchor_logs_drift(home, tmp_path, recipe, small_memories):
+    record([small_memories], home=home)
+    first = seed(str(recipe), home=home, show_progress=False)
+    assert first.replayed == 0 and first.kl_drift is not None and first.kl_drift >= 0
+    rows = _metrics(first.run_dir)
+    assert all("train/anchor_kl" in r and r["train/anchor_kl"] >= 0 for r in rows)
+    with open_store(home) as st:
+        held = st.examples([t.id for t in st.traces()])
+    assert set(held) == {t for t in json.loads((Path(first.run_dir) / "memory_ids.json").read_text())}
+    record([_lines(tmp_path, "b.jsonl", EXAMPLES.read_text().splitlines()[3:6])], home=home)
+    second = seed(str(recipe), home=home, show_progress=False)
+    assert second.replayed == 3 and second.memories == 3
+    pool = json.loads((Path(second.run_dir) / "replay.json").read_text())
+    assert sorted(pool) == sorted(held)  # the first night's memories, from their cached teacher data
+    summary = json.loads((Path(second.run_dir) / "summary.json").read_text())
+    assert summary["replayed"] == 3 and summary["kl_drift"] is not None
+    # without replay the pool is empty, whatever the sampling rule
+    record([_lines(tmp_path, "c.jsonl", EXAMPLES.read_text().splitlines()[6:7])], home=home)
+    third = seed(str(recipe), home=home, show_progress=False, overrides={"replay.fraction": 0.0})
+    assert third.replayed == 0
+
+
+def test_general_text_parts_are_disjoint():
+    ev = set(reference_paragraphs(40))
+    drift = {t for _, t in drift_items(64, 40)}
+    anchor = set(anchor_paragraphs(40))
+    assert len(ev) == 40 and len(drift) == 64 and len(anchor) > 9000
+    assert not (ev & drift) and not (ev & anchor) and not (drift & anchor)
+
+
+def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe):
+    old = {
+        "messages": [
+            {"role": "user", "content": "Team Pendlewick holds its Friday standup at 9:30 in room Quinceford."}
+        ],
+        "probes": [
+            {"question": "What time is Team Pendlewick's Friday standup?", "answer": "9:30"},
+            {"question": "Where is Team Pendlewick's standup?", "answer": "Quinceford"},
+        ],
+    }
+    new = {
+        "messages": [
+            {"role": "user", "content": "What time is the Pendlewick standup now?"},
+            {"role": "tool", "content": "calendar.get('Team Pendlewick standup') -> 10:05"},
+        ],
+        "probes": [{"question": "What time is Team Pendlewick's Friday standup?", "answer": "10:05"}],
+    }
+    record([_lines(tmp_path, "a.jsonl", [json.dumps(old)])], home=home)
+    seed(str(recipe), home=home, show_progress=False)
+    record([_lines(tmp_path, "b.jsonl", [json.dumps(new)])], home=home)
+    second = seed(str(recipe), home=home, show_progress=False)
+    with open_store(home) as st:
+        stale = [p for p in st.probes() if p.superseded_by]
+        newest = st.traces()[-1]
+    assert [(p.answer, p.superseded_by) for p in stale if p.origin == "user"] == [("9:30", newest.id)]
+    data = json.loads((Path(second.run_dir) / "data.json").read_text())
+    # the teacher saw both memories, oldest first, dated, when it answered about the new one
+    from sleepctl.data import context, link
+
+    with open_store(home) as st:
+        ts = st.traces()
+    ctx = context(ts[1], link([ts[1]], ts, 2))
+    assert [m[1] for m in ctx] == [ts[0].text, ts[1].text] and all(isinstance(m, tuple) for m in ctx)
+    assert "10:05" in " ".join(e["samples"][0] for e in data["examples"] if e["trace_id"] == newest.id)
+    rep = evaluate(home=home)
+    assert rep.superseded >= 1 and any("newer memory" in n for n in rep.notes)
+    scored = {r.question + "|" + r.reference for m in rep.methods for r in m.results}
+    assert "What time is Team Pendlewick's Friday standup?|9:30" not in scored
+
+
+def test_consolidation_replaces_the_stack_and_rollback_and_prune(home, tmp_path, recipe, small_memories):
+    lines = EXAMPLES.read_text().splitlines()
+    record([small_memories], home=home)
+    r = cli("consolidate", "--recipe", str(recipe), "--home", str(home))
+    assert r.returncode == 0 and b"nothing to consolidate: no adapter" in r.stdout
+    for i, chunk in enumerate((lines[3:5], lines[5:7])):
+        seed(str(recipe), home=home, show_progress=False)
+        record([_lines(tmp_path, f"n{i}.jsonl", chunk)], home=home)
+    seed(str(recipe), home=home, show_progress=False)
+    with open_store(home) as st:
+        old = lineage(st, st.current_adapter_id())
+        n_mem = st.counts()["consolidated"]
+    assert len(old) == 3 and n_mem == 7
+    r = cli("consolidate", "--recipe", str(recipe), "--home", str(home), "--if-needed", "--json")
+    assert r.returncode in (0, 3), r.stderr.decode()[-2000:]
+    res = json.loads(r.stdout)
+    assert res["memories"] == 7 and res["replaced"] == [1, 2, 3] and res["steps"] == 6
+    assert set(res["before"]["recall"]) == set(res["after"]["recall"]) == {"v1", "v2", "v3"}
+    with open_store(home) as st:
+        c = st.adapter(res["adapter_id"])
+        assert c.kind == "consolidate" and c.parent_id is None and c.replaces == old[-1].id
+        assert sorted(c.trace_ids) == sorted(t.id for t in st.traces())
+        if not res["made_current"]:  # the gate refused it: make it current by hand for the rest of the test
+            from sleepctl.adapters import set_current
+
+            set_current(st, c.id)
+        assert lineage(st, st.current_adapter_id()) == [st.adapter(c.id)]
+        assert all(t.adapter_id == c.id for t in st.traces())
+    r = cli("consolidate", "--recipe", str(recipe), "--home", str(home))
+    assert r.returncode == 0 and b"the current stack is one adapter" in r.stdout
+    # prune: never the lineage, asks first, --yes deletes
+    r = cli("adapters", "prune", "--home", str(home))
+    assert r.returncode == 2 and b"pass --yes" in r.stderr
+    with open_store(home) as st:
+        assert st.counts()["adapters"] == 4
+    r = cli("adapters", "prune", "--home", str(home), "--dry-run", "--json")
+    assert [a["version"] for a in json.loads(r.stdout)["would_prune"]] == [1, 2, 3]
+    with open_store(home) as st:
+        from sleepctl.adapters import prune
+
+        with pytest.raises(SleepError, match="current lineage"):
+            prune(st, [c.id])
+        assert rollback(st).id == old[-1].id  # a consolidation rolls back to the stack it replaced
+        assert [a.version for a in lineage(st, st.current_adapter_id())] == [1, 2, 3]
+        assert st.counts()["pending"] == 0
+        rollback(st, c.id)
+    r = cli("adapters", "prune", "--home", str(home), "--yes")
+    assert r.returncode == 0 and b"deleted v1" in r.stdout
+    with open_store(home) as st:
+        assert [a.version for a in st.adapters()] == [4]
+        assert all(not Path(a.path).exists() for a in old)
+
+
+def test_consolidation_interrupted_then_resumed_keeps_current(home, tmp_path, recipe, small_memories, monkeypatch):
+    lines = EXAMPLES.read_text().splitlines()
+    record([small_memories], home=home)
+    seed(str(recipe), home=home, show_progress=False)
+    record([_lines(tmp_path, "b.jsonl", lines[3:5])], home=home)
+    seed(str(recipe), home=home, show_progress=False)
+    record([_lines(tmp_path, "c.jsonl", lines[5:6])], home=home)
+    seed(str(recipe), home=home, show_progress=False)
+    with open_store(home) as st:
+        cur = st.current_adapter_id()
+    import sleepctl.loop as loop_mod
+
+    real = loop_mod.save_checkpoint
+
+    stopped = []
+
+    def save_then_stop(rf, step, *a, **kw):
+        real(rf, step, *a, **kw)
+        if not stopped:
+            stopped.append(step)
+            raise KeyboardInterrupt  # as if Ctrl-C came right after this checkpoint
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(SleepError, match="interrupted after step"):
+        consolidate(str(recipe), home=home, show_progress=False, overrides={"training.checkpoint_every": 2})
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real)
+    with open_store(home) as st:
+        assert st.current_adapter_id() == cur and st.runs("consolidate")[0].status == "interrupted"
+    res = consolidate(str(recipe), home=home, show_progress=False, overrides={"training.checkpoint_every": 2})
+    assert res.status in ("done", "not-current")
+    with open_store(home) as st:
+        runs = st.runs("consolidate")
+    assert len(runs) == 1 and runs[0].status == "done"
+    assert [r["step"] for r in _metrics(runs[0].dir)] == list(range(1, res.steps + 1))  # resumed, not restarted
+
+
+def test_replay_settings_out_of_range_name_file_and_key(home, tmp_path, tiny_dir, small_memories):
+    record([small_memories], home=home)
+    bad = write_recipe(tmp_path / "bad.yaml", tiny_dir, replay={"fraction": 1.5})
+    r = cli("seed", "--recipe", str(bad), "--home", str(home))
+    assert r.returncode == 2 and b"bad.yaml: replay.fraction" in r.stderr
+    r = cli("seed", "--recipe", str(bad), "--home", str(home), "--set", "replay.sampling=oldest")
+    assert r.returncode == 2 and b"replay.sampling" in r.stderr
+    with open_store(home) as st:
+        assert st.counts()["pending"] == 3 and st.counts()["runs"] == 0
+
+
+def test_a_tampered_checkpoint_is_refused_without_running(tmp_path, tiny_dir, small_memories, monkeypatch):
+    home = tmp_path / "h"
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    import sleepctl.loop as loop_mod
+
+    real = loop_mod.save_checkpoint
+
+    stopped = []
+
+    def save_then_stop(rf, step, *a, **kw):
+        real(rf, step, *a, **kw)
+        if not stopped:
+            stopped.append(step)
+            raise KeyboardInterrupt  # as if Ctrl-C came right after this checkpoint
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(SleepError):
+        seed(str(recipe), home=home, show_progress=False)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real)
+    ckpt = next(home.glob("runs/seed_*/checkpoints/step-*"))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (ckpt / "optim.pt").write_bytes(pickle.dumps({"optimizer": Payload(), "scheduler": {}}))
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home))
+    assert r.returncode == 1 and b"holds something other than optimizer state" in r.stderr
+    assert not marker.exists()
+    assert b"Traceback" not in r.stderr
+
+
+def test_seed_waits_for_no_one_while_another_job_holds_the_home(home, recipe, small_memories):
+    from sleepctl.home import open_home, sleep_lock
+
+    record([small_memories], home=home)
+    with sleep_lock(open_home(home), "dream"):
+        r = cli("seed", "--recipe", str(recipe), "--home", str(home))
+    assert r.returncode == 75 and b"dream, pid" in r.stderr
+    with open_store(home) as st:
+        assert st.counts()["runs"] == 0
+
+
+def test_lock_does_not_follow_a_symlink(home, tmp_path, recipe, small_memories):
+    from sleepctl.home import open_home, sleep_lock
+
+    record([small_memories], home=home)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (home / "sleep.lock").symlink_to(victim)
+    with pytest.raises(SleepError, match="cannot open the lock"):
+        with sleep_lock(open_home(home), "seed"):
+            pass
+    assert victim.read_text() == "keep me"
+
+
+def test_fused_lora_matches_peft_under_autocast(tiny_dir):
+    """The addmm forward gives PEFT's outputs and gradients (CPU autocast stands in for CUDA's here)."""
+    import copy
+
+    from sleepctl.recipe import Lora
+    from sleepctl.training import add_lora, fuse_lora
+
+    base, _ = load_model(str(tiny_dir), "cpu", "bfloat16")
+    a = add_lora(base, Lora(r=4, alpha=8), fused=False)
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    b = copy.deepcopy(a)
+    ref = copy.deepcopy(a).float()
+    assert fuse_lora(b) > 0
+    ids = torch.tensor([[5, 17, 300, 9, 44, 12]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        la, lb = a(input_ids=ids).logits.float(), b(input_ids=ids).logits.float()
+    with torch.no_grad():
+        exact = ref(input_ids=ids).logits
+    # both round in bf16; the fused path (one rounding in the GEMM epilogue) is no further from fp32 than PEFT's
+    err_peft, err_fused = (la - exact).abs().max().item(), (lb - exact).abs().max().item()
+    assert err_fused <= 1.5 * err_peft + 1e-3, (err_fused, err_peft)
+    assert (la - lb).abs().max() <= 0.05 * la.abs().max()
+    la.sum().backward()
+    lb.sum().backward()
+    ref(input_ids=ids).logits.sum().backward()
+
+    def grads(m):
+        return torch.cat([p.grad.float().flatten() for p in m.parameters() if p.requires_grad])
+
+    gr = grads(ref)
+    e_peft, e_fused = ((grads(x) - gr).norm() / gr.norm() for x in (a, b))
+    assert e_fused <= 1.5 * e_peft + 0.01 and e_fused < 0.2, (e_fused, e_peft)
+    with torch.no_grad():  # outside autocast (CPU training) it is PEFT's own forward, exactly
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_a_non_finite_step_is_skipped_by_the_one_loop(tiny_dir):
+    from sleepctl.loop import train
+    from sleepctl.recipe import Lora, Optim
+    from sleepctl.training import add_lora, make_optimizer
+
+    base, _ = load_model(str(tiny_dir), "cpu", "float32")
+    model = add_lora(base, Lora(r=4, alpha=8))
+    opt, sched = make_optimizer(model, Optim(lr=1e-2, warmup_steps=0), 4)
+    ids = torch.tensor([[5, 17, 300, 9]])
+
+    def objective(batch, step, rng):
+        loss = model(input_ids=ids, labels=ids).loss
+        return (loss * float("nan") if step == 1 else loss), {}
+
+    before = {}
+
+    def batches(step, rng):
+        before[step] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        return []
+
+    res = train(model, batches, objective, opt, sched, max_steps=3, seed=0, grad_clip=1.0)
+    assert res.completed == 3 and res.skipped == 1 and res.last["step"] == 3
+    after_skip = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(x, y) for x, y in zip(before[1], before[0]))  # step 0 moved the adapter
+    assert all(torch.equal(x, y) for x, y in zip(before[2], before[1]))  # step 1 (NaN) did not
+    assert all(torch.isfinite(p).all() for p in after_skip)
