@@ -232,7 +232,8 @@ def legacy_completion_logits(model, prompts, completions, pad):
 VARIANTS = {  # each change to the seed step, measured against the one before it
     "before": "LM head over every position, LoRA computed in fp32 (PEFT default)",
     "head": "LM head over completion positions only",
-    "now": "LM head over completions, LoRA matmuls in bf16 (fp32 master weights)",
+    "bf16": "LM head over completions, LoRA matmuls in bf16 (fp32 master weights)",
+    "fused": "+ LoRA added into the base output by one addmm (no separate scale and add)",
 }
 
 
@@ -243,14 +244,23 @@ def train_step_bench(
 
     from sleepctl.losses import divergence
     from sleepctl.recipe import Optim
-    from sleepctl.training import completion_logits, make_optimizer
+    from sleepctl.training import _fused_linear_class, completion_logits, fuse_lora, make_optimizer
 
     legacy = variant == "before"
     score = {
         "before": legacy_completion_logits,
         "head": partial(completion_logits, mixed_precision=False),
-        "now": completion_logits,
+        "bf16": completion_logits,
+        "fused": completion_logits,
     }[variant]
+    from peft.tuners.lora.layer import Linear
+
+    fused_cls = _fused_linear_class()
+    for mod in student_peft.modules():  # the variant decides which LoRA forward runs
+        if variant != "fused" and type(mod) is fused_cls:
+            mod.__class__ = Linear
+    if variant == "fused":
+        fuse_lora(student_peft)
     rng = random.Random(batch)
     s_p, t_p, comps = batch_shapes(rng, batch)
     opt, _ = make_optimizer(student_peft, Optim(lr=1e-5), 100)
@@ -320,6 +330,23 @@ def vllm_bench(model_dir: Path, student_peft, tok, rank: int, batches: list[int]
         t0 = time.time()
         eng.sync(student_peft, version=1)
         res["lora_sync_s"] = time.time() - t0
+        res["lora_sync_dir"] = str(eng.workdir)
+        from sleepctl.vllm_engine import sync_dir
+
+        # the same engine writing its adapters to tmpfs (now) or to a disk folder (before), alternately
+        (ROOT / ".bench").mkdir(exist_ok=True)
+        dirs = {"tmpfs": eng.workdir, "disk": sync_dir(ROOT / ".bench" / "sync-disk")}
+        times: dict[str, list[float]] = {"tmpfs": [], "disk": []}
+        for i in range(5):
+            for name, d in dirs.items():
+                eng.workdir = d
+                t0 = time.time()
+                eng.sync(student_peft, version=100 + 2 * i + (name == "disk"))
+                times[name].append(time.time() - t0)
+        eng.workdir = dirs["tmpfs"]
+        shutil.rmtree(dirs["disk"], ignore_errors=True)
+        res["lora_sync_s_tmpfs"] = sum(times["tmpfs"]) / 5
+        res["lora_sync_s_disk"] = sum(times["disk"]) / 5
         prompt = [[random.Random(i).randrange(100, 4000) for _ in range(64)] for i in range(max(batches))]
         eng.generate_ids(prompt[:8], max_new_tokens=8, temperature=1.0)
         for b in batches:
@@ -370,9 +397,82 @@ def full_seed(t_dir: Path, s_dir: Path, n: int, engine: str, work: Path, steps: 
         "wall_s": wall,
         "training_loop_s": sum(x["step_s"] for x in rows),
         "rollout_tokens_per_s_mean": sum(ro) / len(ro) if ro else None,
-        "train_s_per_step_mean": sum(x["train_s"] for x in rows) / len(rows),
+        "train_s_per_step_mean": sum(x["step_s"] - (x.get("rollout_s") or 0.0) for x in rows) / len(rows),
         "peak_memory_mb": r.peak_memory_mb,
         "engine_info": summary.get("engine"),
+    }
+
+
+def night_memories(n: int) -> list[dict]:
+    """N real memories with their user probes: examples/ first, then the multi-night sets."""
+    files = [ROOT / "examples" / "memories.jsonl"] + sorted((ROOT / "benchmarks" / "nights").glob("night*.jsonl"))
+    recs = []
+    for f in files:
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                r.pop("corrects", None)
+                r["source"] = f.name
+                recs.append(r)
+    return recs[:n]
+
+
+def full_night(n: int, work: Path, overrides: dict) -> dict:
+    """A night with the real pair: seed + dream (whose gate evaluates) of N memories, engine starts included;
+    then an eval for recall on examples/ probes (not counted in the night)."""
+    from sleepctl import record
+    from sleepctl.dream import dream
+    from sleepctl.engines import release_engines
+    from sleepctl.evaluate import evaluate
+    from sleepctl.seed import seed
+
+    release_engines()  # a night starts its own engines: their start is part of its time
+    home = work / f"night-{n}"
+    src = work / f"night-{n}.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in night_memories(n)))
+    record([src], home=home)
+    ov = {"engine": "vllm", **overrides}
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    s = seed("qwen-small-large", home=home, teacher="small", student="large", overrides=ov, keep_engines=True)
+    t_seed = time.time() - t0
+    d = dream("qwen-small-large", home=home, overrides=ov, consolidate=False, keep_engines=True)
+    wall = time.time() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ev = evaluate(home=home, overrides=ov, keep_engines=True)
+    release_engines()
+    from sleepctl.memories import open_store
+
+    with open_store(home) as st:
+        from_examples = {t.id for t in st.traces() if t.source.startswith("memories.jsonl")}
+    rows = [json.loads(x) for x in (Path(s.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    ro = [(x.get("rollout/tokens") or 0, x.get("rollout_s") or 0.0) for x in rows]
+
+    def recall(method: str, ids: set[str] | None, origin: str | None = "user") -> float | None:
+        xs = [
+            r.contains
+            for m in ev.methods
+            if m.method == method
+            for r in m.results
+            if (ids is None or r.trace_id in ids) and (origin is None or r.origin == origin)
+        ]
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "memories": n,
+        "overrides": ov,
+        "night_wall_s": wall,
+        "seed_s": t_seed,
+        "dream_s": wall - t_seed,
+        "steps": s.steps,
+        "dream": {"status": d.status, "made_current": d.made_current, "dreams": d.dreams, "rewarded": d.rewarded},
+        "in_seed_rollout_tokens_per_s": sum(t for t, _ in ro) / max(1e-9, sum(x for _, x in ro)),
+        "train_s_per_step": sum(x["step_s"] - (x.get("rollout_s") or 0.0) for x in rows) / len(rows),
+        "peak_gpu_memory_gb": peak,
+        "recall_examples_user": {m: recall(m, from_examples) for m in ("base", "in-context", "sleep")},
+        "recall_all": {m: recall(m, None, None) for m in ("base", "in-context", "sleep")},
+        "ppl_change": ev.perplexity["sleep"] / ev.perplexity["base"] - 1,
+        "engine": json.loads((Path(s.run_dir) / "summary.json").read_text()).get("engine"),
     }
 
 
@@ -390,6 +490,14 @@ def main() -> None:
     ap.add_argument("--work", help="scratch folder for the random models (default: a temporary one)")
     ap.add_argument("--tiny", action="store_true", help="toy shapes, runs on CPU: checks the script, measures nothing")
     ap.add_argument("--profile", action="store_true", help="also write a kernel profile of one seed step (batch 64)")
+    ap.add_argument(
+        "--parts",
+        default="hf,train,vllm,seed",
+        help="what to measure: hf (HF generate), train (seed step variants), vllm, seed (a full seed on random "
+        "weights), night (a full night of the real pair: needs the offline models and vLLM)",
+    )
+    ap.add_argument("--night-memories", type=int, default=100)
+    ap.add_argument("--night-set", action="append", default=[], help="recipe override for the real night (k=v)")
     args = ap.parse_args()
 
     global DEVICE
@@ -403,6 +511,7 @@ def main() -> None:
         sys.exit(2)
     from peft import LoraConfig, get_peft_model
 
+    from sleepctl.recipe import parse_overrides
     from sleepctl.training import bf16_compute
     from sleepctl.vllm_engine import unavailable_reason
 
@@ -446,9 +555,10 @@ def main() -> None:
     res["params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     say(f"random models built: {res['params']}")
 
+    parts = set(args.parts.split(","))
     # rollouts through Hugging Face generate: plain, and through the LoRA the HF engine samples from
     res["hf_rollouts"] = {}
-    for k, m in models.items():
+    for k, m in models.items() if "hf" in parts else ():
         res["hf_rollouts"][k] = {"batch64_plain": hf_rollouts(m, 64, new)}
         say(f"HF generate {k}: {res['hf_rollouts'][k]['batch64_plain']:.0f} tok/s")
     rank = {"0.5b": 16, "1.5b": 32}
@@ -462,6 +572,8 @@ def main() -> None:
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             ),
         )
+        if "hf" not in parts:
+            continue
         res["hf_rollouts"][k][f"batch64_lora_r{rank[k]}"] = hf_rollouts(peft[k], 64, new)
         with bf16_compute(peft[k]):  # what the HF engine does now on CUDA
             res["hf_rollouts"][k][f"batch64_lora_r{rank[k]}_bf16"] = hf_rollouts(peft[k], 64, new)
@@ -470,16 +582,16 @@ def main() -> None:
     # a seed step: teacher 0.5b scores, student 1.5b + LoRA r=32 trains (the qwen-small-large recipe)
     teacher = peft["0.5b"].get_base_model()
     res["train_step"] = []
-    for variant in VARIANTS:
+    for variant in VARIANTS if "train" in parts else ():
         for b in (16,) if args.tiny else (16, 64):
-            last = variant == "now" and b == (16 if args.tiny else 64)
+            last = variant == "fused" and b == (16 if args.tiny else 64)
             prof_path = out / "seed-step-profile.txt" if args.profile and last else None
             r = train_step_bench(teacher, peft["1.5b"], b, variant, peak, prof_path)
             res["train_step"].append(r)
             mfu = "-" if r["mfu"] is None else format(r["mfu"], ".1%")
             say(f"train step batch {b}, {variant}: {r['step_s'] * 1000:.0f} ms, MFU {mfu}")
 
-    if has_vllm and not args.tiny:
+    if has_vllm and not args.tiny and "vllm" in parts:
         res["vllm"] = {}
         for k in SHAPES:
             with torch.no_grad():
@@ -495,12 +607,16 @@ def main() -> None:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     res["full_seed"] = []
-    for e in engines:
+    for e in engines if "seed" in parts else ():
         say(f"full seed on {args.memories} memories, engine {e}…")
         res["full_seed"].append(
             full_seed(dirs["0.5b"], dirs["1.5b"], args.memories, e, work, args.seed_steps, tiny=args.tiny)
         )
         say(f"full seed, engine {e}: {res['full_seed'][-1]['wall_s']:.0f} s")
+    if "night" in parts:
+        say(f"a full night of the real pair on {args.night_memories} memories…")
+        res["full_night"] = full_night(args.night_memories, work, parse_overrides(args.night_set))
+        say(f"full night: {res['full_night']['night_wall_s']:.0f} s")
     res["bench_wall_s"] = time.time() - t_all
 
     path.write_text(json.dumps(res, indent=2))
@@ -531,6 +647,11 @@ def print_table(res: dict) -> None:
             f"{v['start_s']:.0f} s / {v['sleep_s']:.2f} s / {v['wake_s']:.2f} s / {v['lora_sync_s']:.2f} s",
         )
         t.add_row(f"vLLM {k}: memory freed by sleep", f"{v['freed_by_sleep_gb']:.1f} GB")
+        if "lora_sync_s_tmpfs" in v:
+            t.add_row(
+                f"vLLM {k}: LoRA sync, tmpfs (now) / disk (before)",
+                f"{v['lora_sync_s_tmpfs'] * 1000:.0f} ms / {v['lora_sync_s_disk'] * 1000:.0f} ms",
+            )
         c = v["logprob_check"]
         t.add_row(
             f"vLLM {k}: |log-prob - PEFT| mean / max (LoRA effect)",
@@ -550,6 +671,23 @@ def print_table(res: dict) -> None:
         t.add_row(
             f"full seed, {s['memories']} memories, {s['steps']} steps, engine {s['engine']}",
             f"{s['wall_s']:.0f} s (loop {s['training_loop_s']:.0f} s)",
+        )
+    if "full_night" in res:
+        n = res["full_night"]
+        r = n["recall_examples_user"]
+        t.add_row(
+            f"full night, real pair, {n['memories']} memories: seed + dream (gate included), engine starts included",
+            f"{n['night_wall_s']:.0f} s (seed {n['seed_s']:.0f} s, dream {n['dream_s']:.0f} s), peak "
+            f"{n['peak_gpu_memory_gb']:.1f} GB",
+        )
+        t.add_row(
+            "  in-seed rollouts / training per step",
+            f"{n['in_seed_rollout_tokens_per_s']:,.0f} tok/s / {n['train_s_per_step'] * 1000:.0f} ms",
+        )
+        t.add_row(
+            "  recall of examples/ user probes: base / in-context / after the night",
+            " / ".join("-" if r[m] is None else f"{100 * r[m]:.1f}%" for m in ("base", "in-context", "sleep"))
+            + f", ppl {100 * n['ppl_change']:+.1f}%",
         )
     if "vllm_skipped" in res:
         t.add_row("vLLM", escape(f"skipped: {res['vllm_skipped']}"))

@@ -1,6 +1,7 @@
 """The benchmark script runs end to end and writes its table and JSON (no number is asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ from .test_dream import DREAM
 
 def script(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run one of scripts/ as a user would."""
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, timeout=timeout)
+    env = dict(os.environ, COLUMNS="200")  # tables as wide as a reader's terminal, not the 80 of a pipe
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, timeout=timeout, env=env
+    )
 
 
 def test_bench_writes_results(tmp_path, tiny_dir, small_memories):
@@ -45,7 +49,7 @@ def test_gpu_bench_runs_at_toy_size(tmp_path):
     res = json.loads(next(out.glob("gpu-bench-*.json")).read_text())
     assert set(res["hf_rollouts"]) == {"0.5b", "1.5b"}
     assert all(v > 0 for x in res["hf_rollouts"].values() for v in x.values())
-    assert [s["variant"] for s in res["train_step"]] == ["before", "head", "now"]
+    assert [s["variant"] for s in res["train_step"]] == ["before", "head", "bf16", "fused"]
     assert all(s["trained_tokens_per_s"] > 0 and s["teacher_scoring_tokens_per_s"] > 0 for s in res["train_step"])
     (seed,) = res["full_seed"]
     assert seed["engine"] == "hf" and seed["steps"] == 2 and seed["memories"] == 3 and seed["wall_s"] > 0
@@ -62,3 +66,51 @@ def test_gpu_bench_refuses_a_machine_without_cuda(tmp_path):
     r = script("gpu_bench.py", timeout=120)
     assert r.returncode == 2
     assert "no CUDA GPU" in r.stderr.decode()
+
+
+def test_bench_nights_retention_matrix_and_plot(tmp_path, tiny_dir):
+    """Two nights (the second corrects the first) under two configurations: table, JSON, PNG."""
+    nights = tmp_path / "nights"
+    nights.mkdir()
+    src = (ROOT / "benchmarks" / "nights" / "night1.jsonl").read_text().splitlines()
+    (nights / "night1.jsonl").write_text("\n".join(src[:3]) + "\n")
+    first = json.loads(src[0])
+    q = first["probes"][0]["question"]
+    fix = {
+        "text": f"Update: the answer to '{q}' is now Zanzibarre-77.",
+        "probes": [
+            {"question": q, "answer": "Zanzibarre-77"},
+            {"question": "What is the update code?", "answer": "77"},
+        ],
+        "corrects": q,
+    }
+    other = json.loads((ROOT / "benchmarks" / "nights" / "night2.jsonl").read_text().splitlines()[1])
+    other.pop("corrects", None)
+    (nights / "night2.jsonl").write_text(json.dumps(fix) + "\n" + json.dumps(other) + "\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        anchor={"kl_coef": 0.5, "batch_size": 2, "max_tokens": 24, "drift_prompts": 4},
+        consolidate={"max_adapters": 1, "steps_per_memory": 1.0, "max_steps": 4},
+    )
+    out = tmp_path / "out"
+    r = script(
+        "bench_nights.py",
+        *("--recipe", str(recipe), "--nights-dir", str(nights), "--nights", "2", "--configs", "stack,full"),
+        *("--out", str(out), "--name", "t"),
+    )
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    res = json.loads((out / "t" / "results.json").read_text())
+    assert [x["config"] for x in res["runs"]] == ["stack", "full"]
+    for run in res["runs"]:
+        rows = run["nights"]
+        assert [x["night"] for x in rows] == [1, 2]
+        assert set(rows[0]["recall"]) == {"1"} and set(rows[1]["recall"]) == {"1", "2"}  # the retention matrix
+        assert rows[1]["updates_checked"] == 1 and rows[0]["updates_checked"] == 0
+        assert rows[1]["kl_drift"] is not None and rows[1]["wall_s"] > 0
+    full = res["runs"][1]["nights"]
+    assert full[1]["stack_depth"] == 1 and full[1]["consolidation"] is not None  # 2 > max_adapters: consolidated
+    assert res["runs"][0]["nights"][1]["stack_depth"] == 2  # the old way: the stack only grows
+    assert set(res["summary"]) == {"stack", "full"} and res["summary"]["full"]["night1_after_last"] is not None
+    assert (out / "t" / "retention.png").stat().st_size > 1000
+    assert "night 1: after 1" in r.stdout.decode()

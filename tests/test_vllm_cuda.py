@@ -7,6 +7,7 @@ SmolLM2 tokenizer: head size 64 so vLLM's attention kernels take it, small enoug
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,47 @@ def test_seed_with_the_vllm_engine(tmp_path, qwen_dir):
     print("engine:", json.dumps(info))
     assert info["engine"] == "vllm" and info["logprob_check"]["mean_abs_diff"] <= 0.05
     assert info["timings"]["syncs"] >= 1
+
+
+def test_two_nights_dream_eval_and_consolidation_through_one_engine(tmp_path, qwen_dir):
+    """A night on the real engine: one vLLM engine per process serves stack + adapter as one LoRA."""
+    from sleepctl import record
+    from sleepctl.consolidate import consolidate
+    from sleepctl.dream import dream
+    from sleepctl.engines import _SHARED, release_engines
+    from sleepctl.evaluate import evaluate
+    from sleepctl.seed import seed
+
+    home = tmp_path / "home"
+    lines = EXAMPLES.read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[4:7]) + "\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        str(qwen_dir),
+        engine="vllm",
+        vllm={"gpu_memory_utilization": 0.2, "max_model_len": 2048},
+        training={"device": "cuda", "steps_per_generation": 2, "max_steps": 4},
+        dream={"dreams_per_memory": 2, "max_new_tokens": 8, "top_k": 1, "random_b": 0, "train_steps": 2},
+        replay={"fraction": 0.5},
+        anchor={"kl_coef": 0.5, "batch_size": 2, "max_tokens": 32, "drift_prompts": 4},
+        consolidate={"max_adapters": 1, "steps_per_memory": 1.0, "max_steps": 4},
+    )
+    try:
+        record([tmp_path / "a.jsonl"], home=home)
+        first = seed(str(recipe), home=home, show_progress=False, keep_engines=True)
+        record([tmp_path / "b.jsonl"], home=home)
+        second = seed(str(recipe), home=home, show_progress=False, keep_engines=True)
+        assert len(_SHARED) == 1  # the 'self' teacher is the student's engine with no adapter
+        d = dream(str(recipe), home=home, show_progress=False, consolidate=False, keep_engines=True)
+        rep = evaluate(home=home, keep_engines=True)
+        c = consolidate(str(recipe), home=home, if_needed=True, show_progress=False, keep_engines=True)
+        assert len(_SHARED) == 1
+    finally:
+        release_engines()
+    for r in (first, second):
+        check = json.loads((Path(r.run_dir) / "summary.json").read_text())["engine"]
+        print("engine:", json.dumps(check))
+        assert check["logprob_check"]["mean_abs_diff"] <= 0.05
+    assert second.replayed == 4 and d.status in ("done", "not-current", "nothing")
+    assert rep.kl_drift is not None and c.status in ("done", "not-current")
