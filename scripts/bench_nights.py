@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import time
 from datetime import datetime, timezone
@@ -75,28 +76,40 @@ def load_nights(folder: Path, n: int) -> list[list[dict]]:
     return nights
 
 
-def run_config(name: str, nights: list[list[dict]], args, overrides: dict, seed_no: int, out: Path) -> dict:
-    """All nights of one configuration and training seed in a fresh home; a row of figures per night."""
-    home = out / f"{name}-seed{seed_no}" / "home"
+def run_config(run: dict, nights: list[list[dict]], args, overrides: dict, work: Path, save, deadline: float) -> bool:
+    """The nights of one configuration and training seed, in its own home, continuing where `run` stopped.
+
+    A row of figures per night goes into `run["nights"]` and is saved at once (`save`), so a cut-off call
+    loses at most the night in flight and `--resume` continues with the next. Returns False when the
+    time budget (`--max-minutes`) ran out before every night was done.
+    """
+    name, seed_no = run["config"], run["seed"]
+    home = work / f"{name}-seed{seed_no}" / "home"
+    run["home"] = str(home)
     ov = {**overrides, **CONFIGS[name], "training.seed": seed_no}
     load_recipe(args.recipe, ov)  # a bad override fails here, before any night
     con = Console(stderr=True)
-    memory_night: dict[str, int] = {}
     corrected = {q for recs in nights for r in recs for q in _corrects(r)}
     updates: dict[str, list[tuple[int, str]]] = {q: [] for q in corrected}  # question -> [(night, answer)]
-    rows = []
     for k, recs in enumerate(nights, start=1):
+        for r in recs:
+            for p in r.get("probes", []):
+                if p["question"] in updates:
+                    updates[p["question"]].append((k, p["answer"]))
+    for k, recs in enumerate(nights, start=1):
+        if k <= len(run["nights"]):
+            continue  # done by an earlier call
+        if time.time() > deadline:
+            return False
         t0 = time.time()
         src = home.parent / f"night{k}.jsonl"
         src.parent.mkdir(parents=True, exist_ok=True)
         clean = [{key: v for key, v in r.items() if key != "corrects"} for r in recs]  # the benchmark's own field
         src.write_text("".join(json.dumps(r) + "\n" for r in clean))
-        for tid in record([src], home=home).added:
-            memory_night[tid] = k
-        for r in recs:
-            for p in r.get("probes", []):
-                if p["question"] in updates:
-                    updates[p["question"]].append((k, p["answer"]))
+        record([src], home=home)  # a night cut off after recording: its duplicates are skipped here
+        with open_store(home) as st:  # which night each memory came from, by the file it was recorded from
+            memory_night = {t.id: int(re.search(r"night(\d+)\.jsonl", t.source).group(1)) for t in st.traces()}
+        seen = {q: [(n, a) for n, a in h if n <= k] for q, h in updates.items()}
         phases: dict[str, float] = {}
         t = time.time()
         s = seed(
@@ -114,7 +127,6 @@ def run_config(name: str, nights: list[list[dict]], args, overrides: dict, seed_
             t = time.time()
             d = dream(args.recipe, home=home, overrides=ov, show_progress=False, consolidate=False, keep_engines=True)
             phases["dream"] = time.time() - t
-        c = None
         t = time.time()
         c = consolidate(args.recipe, home=home, if_needed=True, overrides=ov, show_progress=False, keep_engines=True)
         phases["consolidate"] = time.time() - t
@@ -122,7 +134,7 @@ def run_config(name: str, nights: list[list[dict]], args, overrides: dict, seed_
         ev = evaluate(home=home, overrides=ov, keep_outputs=True, keep_engines=True)
         phases["eval"] = time.time() - t
         wall = time.time() - t0
-        row = night_row(k, ev, memory_night, updates)
+        row = night_row(k, ev, memory_night, seen)
         with open_store(home) as st:
             depth = len(lineage(st, st.current_adapter_id()))
         row.update(
@@ -130,6 +142,7 @@ def run_config(name: str, nights: list[list[dict]], args, overrides: dict, seed_
                 "wall_s": wall,
                 "phases_s": phases,
                 "stack_depth": depth,
+                "seed_steps": s.steps,
                 "seed_replayed": s.replayed,
                 "seed_kl_drift": s.kl_drift,
                 "dream": None
@@ -137,16 +150,17 @@ def run_config(name: str, nights: list[list[dict]], args, overrides: dict, seed_
                 else {"status": d.status, "made_current": d.made_current, "rewarded": d.rewarded},
                 "consolidation": None
                 if c.status == "nothing"
-                else {"status": c.status, "made_current": c.made_current, "worse": c.worse},
+                else {"status": c.status, "made_current": c.made_current, "worse": c.worse, "steps": c.steps},
             }
         )
-        rows.append(row)
+        run["nights"].append(row)
+        save()
         con.print(
-            f"[{name} seed {seed_no}] night {k}: new {_pct(row['recall'][k])}, night 1 {_pct(row['recall'][1])}, "
+            f"[{name} seed {seed_no}] night {k}: new {_pct(row['recall'].get(k))}, night 1 {_pct(row['recall'].get(1))}, "
             f"updates {_pct(row['update_latest'])}, ppl {row['ppl_change']:+.1%}, KL {row['kl_drift'] or 0:.4f}, "
             f"{wall:.0f} s ({', '.join(f'{a} {b:.0f} s' for a, b in phases.items())}), stack {depth}"
         )
-    return {"config": name, "seed": seed_no, "nights": rows, "home": str(home)}
+    return True
 
 
 def night_row(k: int, ev, memory_night: dict[str, int], updates: dict[str, list[tuple[int, str]]]) -> dict:
@@ -343,8 +357,11 @@ def main() -> None:
     ap.add_argument("--teacher")
     ap.add_argument("--student")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
-    ap.add_argument("--out", default=str(ROOT / ".bench" / "nights"))
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "nights"), help="results: OUT/NAME/results.json and plot")
+    ap.add_argument("--work", help="where the homes go (default: beside the results)")
     ap.add_argument("--name")
+    ap.add_argument("--resume", action="store_true", help="continue the runs of OUT/NAME/results.json")
+    ap.add_argument("--max-minutes", type=float, help="start no new night after this long (then --resume)")
     args = ap.parse_args()
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -355,29 +372,55 @@ def main() -> None:
     name = args.name or f"nights-{Path(args.recipe).stem}-{stamp}"
     out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) / name if args.work else out
     nights = load_nights(Path(args.nights_dir), args.nights)
     overrides = parse_overrides(args.overrides)
     path = out / "results.json"
-    result = {
-        "name": name,
-        "recipe": args.recipe,
-        "overrides": overrides,
-        "machine": machine(),
-        "nights": args.nights,
-        "memories_per_night": [len(x) for x in nights],
-        "dream": args.dream,
-        "runs": [],
-    }
+    if args.resume and path.exists():
+        result = json.loads(path.read_text())
+        for r in result["runs"]:
+            for row in r["nights"]:  # JSON keys are strings: back to night numbers
+                for key in ("recall", "probes"):
+                    row[key] = {int(j): v for j, v in row[key].items()}
+    else:
+        result = {
+            "name": name,
+            "recipe": args.recipe,
+            "overrides": overrides,
+            "machine": machine(),
+            "nights": args.nights,
+            "memories_per_night": [len(x) for x in nights],
+            "dream": args.dream,
+            "runs": [],
+        }
     t0 = time.time()
+    deadline = t0 + 60 * args.max_minutes if args.max_minutes else float("inf")
+
+    def save() -> None:
+        result["summary"] = summarise([r for r in result["runs"] if r["nights"]])
+        result["wall_s"] = result.get("wall_s_before", 0.0) + time.time() - t0
+        path.write_text(json.dumps(result, indent=2))
+
+    result["wall_s_before"] = result.get("wall_s", 0.0)
+    finished = True
     try:
         for s in range(args.seeds):
             for c in configs:
-                result["runs"].append(run_config(c, nights, args, overrides, s, out))
-                result["summary"] = summarise(result["runs"])
-                result["wall_s"] = time.time() - t0
-                path.write_text(json.dumps(result, indent=2))  # as it goes: a cut-off run still reports
+                run = next((r for r in result["runs"] if r["config"] == c and r["seed"] == s), None)
+                if run is None:
+                    run = {"config": c, "seed": s, "nights": []}
+                    result["runs"].append(run)
+                if not run_config(run, nights, args, overrides, work, save, deadline):
+                    finished = False
+                    break
+            if not finished:
+                break
     finally:
         release_engines()
+        save()
+    if not finished:
+        Console(stderr=True).print(f"time budget reached; continue with the same command and --resume: {path}")
+        return
     plot(result["runs"], args.nights, out / "retention.png")
     print_tables(
         result["runs"],

