@@ -36,6 +36,8 @@ def _load():
     p = judge_path()
     tok = AutoTokenizer.from_pretrained(p)
     model = AutoModel.from_pretrained(p).eval()
+    if torch.cuda.is_available():  # on a GPU machine the judge runs every LTI step: a few ms there, ~100 on CPU
+        model = model.to("cuda")
     return tok, model
 
 
@@ -45,10 +47,11 @@ def embed(texts: list[str]) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), 64):
         enc = tok(texts[i : i + 64], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        enc = enc.to(next(model.parameters()).device)
         h = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
         v = (h * m).sum(1) / m.sum(1).clamp(min=1)
-        out.append(torch.nn.functional.normalize(v, dim=-1))
+        out.append(torch.nn.functional.normalize(v, dim=-1).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 384)
 
 

@@ -79,6 +79,17 @@ class SeedObjective:
         self.self_teacher = teacher is model  # "self": the same weights with every adapter off
         self.max_steps = max_steps or cfg.training.max_steps
         self.sampled: dict[int, Sampled] = {}
+        self._ids: dict[tuple, list[int]] = {}  # rendered and tokenised prompts: the same few hundred every step
+
+    def prompt_ids(self, e: Example, teacher: bool = False) -> list[int]:
+        key = (teacher, e.trace_id if teacher else "", e.prompt)
+        if key not in self._ids:
+            tok = self.t_tok if teacher else self.s_tok
+            mem = self.contexts.get(e.trace_id) if teacher else None
+            self._ids[key] = tok(render(tok, self.cfg.data.system_prompt, e.prompt, mem), add_special_tokens=False)[
+                "input_ids"
+            ]
+        return self._ids[key]
 
     # --- planning and sampling -------------------------------------------------------------------------
 
@@ -167,7 +178,7 @@ class SeedObjective:
     # --- the loss ------------------------------------------------------------------------------------------
 
     def __call__(self, batch: list[Example], step: int, rng: random.Random) -> tuple[torch.Tensor, dict[str, Any]]:
-        lc, sysp = self.cfg.loss, self.cfg.data.system_prompt
+        lc = self.cfg.loss
         plan = self.plan(batch, step, rng)
         if step not in self.sampled:
             self._sample_group(step)
@@ -182,15 +193,8 @@ class SeedObjective:
         loss = torch.zeros((), device=device)
         if lc.alpha > 0:
             ys = got.ys if plan.on_policy else plan.ys
-            s_ids = [
-                self.s_tok(render(self.s_tok, sysp, e.prompt), add_special_tokens=False)["input_ids"] for e in batch
-            ]
-            t_ids = [
-                self.t_tok(render(self.t_tok, sysp, e.prompt, self.contexts.get(e.trace_id)), add_special_tokens=False)[
-                    "input_ids"
-                ]
-                for e in batch
-            ]
+            s_ids = [self.prompt_ids(e) for e in batch]
+            t_ids = [self.prompt_ids(e, teacher=True) for e in batch]
             ctx = self.model.disable_adapter() if self.self_teacher else nullcontext()
             with torch.no_grad(), ctx:
                 t_logits, _ = completion_logits(self.teacher, t_ids, ys, self.s_tok.pad_token_id)

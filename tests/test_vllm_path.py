@@ -48,7 +48,10 @@ class StandInLLM:
         from transformers import AutoModelForCausalLM
 
         self.kw = kw
-        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()  # as the trainer
+        from sleepctl.models import pick_dtype
+
+        dtype = pick_dtype("auto", torch.device("cpu"))  # what the trainer computes in on this CPU
+        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
         self.loras: dict[int, object] = {}
         self.added: list[int] = []
         self.llm_engine = self
