@@ -274,14 +274,19 @@ def plot(results: list[dict], n: int, path: Path) -> None:
             xs = list(range(j, n + 1))
             ys = [statistics.mean(100 * r["nights"][k - 1]["recall"].get(j, 0.0) for r in runs) for k in xs]
             ax.plot(xs, ys, "o-", label=f"night {j}")
-        upd = [statistics.mean(100 * (r["nights"][k - 1]["update_latest"] or 0) for r in runs) for k in range(1, n + 1)]
-        ax.plot(range(1, n + 1), upd, "k--", label="updates (latest)")
+        upd = [
+            [100 * r["nights"][k - 1]["update_latest"] for r in runs if r["nights"][k - 1]["update_latest"] is not None]
+            for k in range(1, n + 1)
+        ]
+        ax.plot(
+            range(1, n + 1), [statistics.mean(u) if u else float("nan") for u in upd], "k--", label="updates (latest)"
+        )
         ax.set_title(f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         ax.set_xlabel("after night")
         ax.set_ylim(0, 105)
         ax.set_xticks(range(1, n + 1))
     axes[0][0].set_ylabel("closed-book recall of user probes (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
