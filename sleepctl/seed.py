@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -194,104 +195,20 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
     t_model, t_tok, tok_match = load_teacher(cfg, s_tok)
     model = add_lora(base, cfg.lora, stack, fused=tr.fused_lora)
     teacher_model = t_model if t_model is not None else model
-    frozen = stack_lora(stack)
     t_engine, s_engine = engines_for(cfg, h, model, s_tok, t_model, t_tok, lora_capacity(cfg, len(stack)))
-    s_engine.frozen = frozen
+    s_engine.frozen = stack_lora(stack)
 
-    # Teacher data depends on the memories, what the teacher sees beside them, the teacher and the data
-    # knobs: cached per home, so re-seeding after a rollback with other loss settings does not generate again.
-    data_key = config_hash(
-        {
-            "mem": [t.id for t in pending],
-            "related": {k: [o.id for o in v] for k, v in sorted(related.items())},
-            "teacher": cfg.model_name(cfg.teacher),
-            "student": student_name,
-            "data": cfg.data.model_dump(),
-            "t_temp": cfg.loss.teacher_temperature,
-            "seed": tr.seed,
-        }
+    # the teacher answers with no adapter: a 'self' teacher is the student with its adapters off
+    teacher_view = model.disable_adapter if t_model is None else nullcontext
+    olds = [by_id[i] for i in touched]
+    examples, refreshed, fresh_probes = _teacher_data(
+        cfg, h, st, rf, pending, olds, related, t_engine, t_tok, teacher_view
     )
-    cached = h.root / "datasets" / f"{data_key}.json"
-    data_path = rf.path / "data.json"
-    if not data_path.exists() and cached.exists():
-        shutil.copyfile(cached, data_path)
-    if data_path.exists():
-        d = json.loads(data_path.read_text())
-        examples = [Example(**e) for e in d["examples"]]
-        refreshed = [Example(**e) for e in d.get("refreshed", [])]
-        fresh_probes = [Probe(**p) for p in d.get("probes", [])]
-    else:
-        err.print(f"[dim]writing prompts and teacher answers for {len(pending)} memories…[/dim]")
-        olds = [by_id[i] for i in touched]
-        with torch.no_grad():
-            t_engine.serve(None)  # the teacher answers with no adapter, memory in context
-            if t_model is None:
-                with model.disable_adapter():
-                    examples, fresh_probes = build_data(
-                        pending, cfg, t_engine, t_tok, st, random.Random(tr.seed), tr.seed, related
-                    )
-                    refreshed = (
-                        refresh(
-                            olds,
-                            cached_examples(st, olds, cfg.data.restatements),
-                            cfg,
-                            t_engine,
-                            t_tok,
-                            related,
-                            tr.seed,
-                        )
-                        if olds
-                        else []
-                    )
-            else:
-                examples, fresh_probes = build_data(
-                    pending, cfg, t_engine, t_tok, st, random.Random(tr.seed), tr.seed, related
-                )
-                refreshed = (
-                    refresh(
-                        olds, cached_examples(st, olds, cfg.data.restatements), cfg, t_engine, t_tok, related, tr.seed
-                    )
-                    if olds
-                    else []
-                )
-        payload = json.dumps(
-            {
-                "examples": [e.__dict__ for e in examples],
-                "refreshed": [e.__dict__ for e in refreshed],
-                "probes": [p.model_dump() for p in fresh_probes],
-            }
-        )
-        for dest in (data_path, cached):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(".tmp")
-            tmp.write_text(payload)
-            os.replace(tmp, dest)
     if not (rf.path / "stored").exists():  # once per run: a resumed run does not store or re-check again
         _store_data(st, rf.run.id, examples, refreshed, fresh_probes)
-        _supersede(
-            cfg, st, pending, touched, by_id, related, t_engine, t_tok, model if t_model is None else None, tr.seed
-        )
+        _supersede(cfg, st, pending, touched, by_id, t_engine, t_tok, teacher_view, tr.seed)
         (rf.path / "stored").touch()
-
-    # The replay pool: chosen once per run (saved, so a resumed run replays the same memories).
-    pool_path = rf.path / "replay.json"
-    candidates = [t for t in held if t.id not in set(mem_ids)]
-    if pool_path.exists():
-        pool_ids = json.loads(pool_path.read_text())
-    else:
-        losses = None
-        if cfg.replay.sampling == "weakest" and len(candidates) > cfg.replay.max_memories > 0:
-            losses = memory_losses(
-                model, s_tok, cfg.data.system_prompt, cached_examples(st, candidates, cfg.data.restatements)
-            )
-        pool_ids = [t.id for t in choose(candidates, cfg, tr.seed, losses)]
-        pool_path.write_text(json.dumps(pool_ids))
-    pool = without_stale(cached_examples(st, [by_id[i] for i in pool_ids], cfg.data.restatements), by_id, set(touched))
-    if cfg.replay.fraction > 0:  # a memory tonight corrects is replayed with its rewritten answers, always
-        for e in refreshed:
-            pool.setdefault(e.trace_id, [])
-        for tid in {e.trace_id for e in refreshed}:
-            pool[tid] = [e for e in refreshed if e.trace_id == tid]
+    pool = _replay_pool(cfg, st, rf, model, s_tok, held, mem_ids, by_id, touched, refreshed)
     everyone = [*held, *pending]
     contexts = {
         tid: context(by_id[tid], link([by_id[tid]], everyone, cfg.replay.max_related)) for tid in [*mem_ids, *pool]
@@ -383,6 +300,82 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
     )
 
 
+def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, t_engine, t_tok, teacher_view):
+    """Tonight's examples and probes, and the rewritten answers of earlier memories tonight's correct.
+
+    They depend on the memories, what the teacher sees beside them, the teacher and the data knobs: cached per
+    home, so re-seeding after a rollback with other loss settings does not generate them again.
+    """
+    tr = cfg.training
+    data_key = config_hash(
+        {
+            "mem": [t.id for t in pending],
+            "related": {k: [o.id for o in v] for k, v in sorted(related.items())},
+            "teacher": cfg.model_name(cfg.teacher),
+            "student": cfg.model_name(cfg.student),
+            "data": cfg.data.model_dump(),
+            "t_temp": cfg.loss.teacher_temperature,
+            "seed": tr.seed,
+        }
+    )
+    cached = h.root / "datasets" / f"{data_key}.json"
+    data_path = rf.path / "data.json"
+    if not data_path.exists() and cached.exists():
+        shutil.copyfile(cached, data_path)
+    if data_path.exists():
+        d = json.loads(data_path.read_text())
+        return (
+            [Example(**e) for e in d["examples"]],
+            [Example(**e) for e in d.get("refreshed", [])],
+            [Probe(**p) for p in d.get("probes", [])],
+        )
+    err.print(f"[dim]writing prompts and teacher answers for {len(pending)} memories…[/dim]")
+    with torch.no_grad(), teacher_view():
+        t_engine.serve(None)
+        examples, probes = build_data(pending, cfg, t_engine, t_tok, st, random.Random(tr.seed), tr.seed, related)
+        old_data = cached_examples(st, olds, cfg.data.restatements)
+        refreshed = refresh(olds, old_data, cfg, t_engine, t_tok, related, tr.seed) if olds else []
+    payload = json.dumps(
+        {
+            "examples": [e.__dict__ for e in examples],
+            "refreshed": [e.__dict__ for e in refreshed],
+            "probes": [p.model_dump() for p in probes],
+        }
+    )
+    for dest in (data_path, cached):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".tmp")
+        tmp.write_text(payload)
+        os.replace(tmp, dest)
+    return examples, refreshed, probes
+
+
+def _replay_pool(cfg: Recipe, st: Store, rf, model, s_tok, held, mem_ids, by_id, touched, refreshed):
+    """Earlier memories replayed tonight, chosen once per run (saved: a resumed run replays the same ones).
+
+    A memory tonight corrects is always replayed, with its rewritten answers, so the new value overwrites
+    the old one over the frozen stack; its restatement (its own, now stale, text) is not.
+    """
+    tr = cfg.training
+    pool_path = rf.path / "replay.json"
+    candidates = [t for t in held if t.id not in set(mem_ids)]
+    if pool_path.exists():
+        pool_ids = json.loads(pool_path.read_text())
+    else:
+        losses = None
+        if cfg.replay.sampling == "weakest" and len(candidates) > cfg.replay.max_memories > 0:
+            losses = memory_losses(
+                model, s_tok, cfg.data.system_prompt, cached_examples(st, candidates, cfg.data.restatements)
+            )
+        pool_ids = [t.id for t in choose(candidates, cfg, tr.seed, losses)]
+        pool_path.write_text(json.dumps(pool_ids))
+    pool = without_stale(cached_examples(st, [by_id[i] for i in pool_ids], cfg.data.restatements), by_id, set(touched))
+    if cfg.replay.fraction > 0:
+        for tid in {e.trace_id for e in refreshed}:
+            pool[tid] = [e for e in refreshed if e.trace_id == tid]
+    return pool
+
+
 def vllm_check(s_engine, model, s_tok, examples: list[Example], cfg: Recipe) -> dict:
     """The engine's log-probs must match the trainer's, or its rollouts are off-policy: checked before training."""
     seqs = [
@@ -410,20 +403,15 @@ def _store_data(st: Store, run_id: str, examples: list[Example], refreshed: list
             st.insert_probe(db, p)
 
 
-def _supersede(cfg, st, pending, touched, by_id, related, t_engine, t_tok, self_model, seed) -> None:
+def _supersede(cfg, st, pending, touched, by_id, t_engine, t_tok, teacher_view, seed) -> None:
     """Probes of earlier memories that a newer memory answers differently stop counting (eval skips them)."""
     marks = superseded(pending, list(by_id.values()), st.probes())
     if touched:
-        probes = st.probes(touched)
         olds = [by_id[i] for i in touched]
         rel = link(olds, [*pending, *olds], cfg.replay.max_related)
-        with torch.no_grad():
+        with torch.no_grad(), teacher_view():
             t_engine.serve(None)
-            if self_model is not None:
-                with self_model.disable_adapter():
-                    marks += recheck(olds, probes, cfg, t_engine, t_tok, rel, seed)
-            else:
-                marks += recheck(olds, probes, cfg, t_engine, t_tok, rel, seed)
+            marks += recheck(olds, st.probes(touched), cfg, t_engine, t_tok, rel, seed)
     if marks:
         with st.transaction() as db:
             for pid, by in marks:
