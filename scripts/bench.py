@@ -2,7 +2,10 @@
 
     make bench                                  # quick CPU recipe on examples/
     python scripts/bench.py --recipe qwen-small-large --teacher small --student large   # on a GPU
+    python scripts/bench.py --seeds 3           # three training seeds, each in its own home: mean ± sd
 
+Recall is split by probe origin everywhere it is printed: `user` probes are the ones the agent's user wrote
+(what a user would ask), `teacher` probes were written by the teacher model from the memory.
 A benchmark, not a test: it measures and prints; nothing here fails on a number.
 """
 
@@ -50,6 +53,7 @@ def by_memory(ev: EvalReport, method: str, new_ids: set[str]) -> tuple[dict, flo
     judged = [r.judge for r in new if r.judge is not None]
     recall = {
         "contains": statistics.mean(r.contains for r in new) if new else None,
+        **by_origin(new),
         "f1": statistics.mean(r.f1 for r in new) if new else None,
         "judge": statistics.mean(judged) if judged else None,
         "probes": len(new),
@@ -57,30 +61,37 @@ def by_memory(ev: EvalReport, method: str, new_ids: set[str]) -> tuple[dict, flo
     return recall, (statistics.mean(old) if old else None)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="quick-cpu")
-    ap.add_argument("--memories", default=str(ROOT / "examples" / "memories.jsonl"))
-    ap.add_argument("--teacher")
-    ap.add_argument("--student")
-    ap.add_argument("--set", action="append", default=[], dest="overrides")
-    ap.add_argument("--out", default=str(ROOT / ".bench"))
-    ap.add_argument("--name", help="name of the result file (default: recipe and time)")
-    ap.add_argument("--home", help="reuse this home: an unfinished seed resumes, a finished one is evaluated")
-    ap.add_argument("--no-eval", action="store_true", help="stop after seeding (a later call with --home evaluates)")
-    ap.add_argument("--no-dream", action="store_true", help="skip the dream step and its seed+dream row")
-    ap.add_argument(
-        "--no-baselines", action="store_true", help="skip the naive-SFT baseline (base and in-context stay)"
-    )
-    args = ap.parse_args()
+def by_origin(results) -> dict:
+    """Contains-recall on user-written and on teacher-written probes, apart: they measure different things."""
+    out = {}
+    for origin in ("user", "teacher"):
+        rs = [r.contains for r in results if r.origin == origin]
+        out[origin] = statistics.mean(rs) if rs else None
+        out[f"{origin}_probes"] = len(rs)
+    return out
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    name = args.name or f"{Path(args.recipe).stem}-{stamp}"
-    out = Path(args.out)
-    home = Path(args.home) if args.home else out / name / "home"
-    ov = parse_overrides(args.overrides)
-    con = Console(stderr=True)
 
+def spread(values: list) -> dict | None:
+    """Mean, sample sd and n over training seeds; None where no seed had a value."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None
+    return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def cell(s: dict | None, pct: bool = True, signed: bool = False, digits: int = 1) -> str:
+    if s is None:
+        return "-"
+    k = 100 if pct else 1
+    sign = "+" if signed else ""
+    text = f"{k * s['mean']:{sign}.{digits}f}"
+    if s["n"] > 1:
+        text += f" ± {k * s['sd']:.{digits}f}"
+    return text + ("%" if pct else "")
+
+
+def one_run(args, home: Path, ov: dict, con: Console) -> dict | None:
+    """record -> seed -> eval (-> dream -> eval) in one home; the numbers of one training seed."""
     t0 = time.time()
     record([args.memories], home=home)
     s = seed(args.recipe, home=home, teacher=args.teacher, student=args.student, overrides=ov)
@@ -97,11 +108,10 @@ def main() -> None:
         )
     seed_wall = s.wall_s if s.wall_s else time.time() - t0
     new_ids = set(json.loads((Path(s.run_dir) / "memory_ids.json").read_text()))
-    n_memories = len(new_ids)
     if args.no_eval:
-        con.print(f"seeded {n_memories} memories in {seed_wall:.0f} s; run {s.run_id}")
-        return
-    rows = [json.loads(x) for x in (Path(s.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        con.print(f"seeded {len(new_ids)} memories in {seed_wall:.0f} s; run {s.run_id}")
+        return None
+    rows = [json.loads(x) for x in (Path(s.run_dir) / "metrics.jsonl").read_text().split("\n") if x.strip()]
     train_tps = statistics.mean(r["tokens_per_second"] for r in rows if r.get("tokens_per_second"))
     ro = [r["rollout/tokens_per_s"] for r in rows if r.get("rollout/tokens_per_s")]
     t1 = time.time()
@@ -120,10 +130,8 @@ def main() -> None:
             dv = evaluate(d.adapter_id, home=home, keep_outputs=True)
             recall, ret_c = by_memory(dv, "sleep", new_ids)
             dream_row = {
-                "contains": recall["contains"],
+                **recall,
                 "retention": ret_c,
-                "f1": recall["f1"],
-                "judge": recall["judge"],
                 "ppl": dv.perplexity.get("sleep"),
                 "made_current": d.made_current,
                 "message": d.message,
@@ -131,25 +139,20 @@ def main() -> None:
                 "dreams": d.dreams,
                 "kept": d.kept,
                 "rewarded": d.rewarded,
-                "probes": recall["probes"],
             }
         else:
             dream_row = {"message": d.message, "wall_s": dream_wall}
     get = {m.method: m for m in ev.methods if m.group == "new"}
-    retention = {m.method: m.contains for m in ev.methods if m.group == "retention"}
     base_ppl = ev.perplexity["base"]
-    label = {"base": "base (closed-book)", "in-context": "in-context", "naive-sft": "naive SFT", "sleep": "seed"}
-
-    result = {
-        "name": name,
-        "recipe": args.recipe,
-        "memories_file": args.memories,
-        "machine": machine(),
+    return {
+        "home": str(home),
         "student": ev.student,
-        "memories": n_memories,
+        "memories": len(new_ids),
         "heldout_probes": ev.probes_new,
-        "recall": {m: {"contains": x.contains, "f1": x.f1, "judge": x.judge} for m, x in get.items()},
-        "retention": retention,
+        "recall": {
+            m: {"contains": x.contains, **by_origin(x.results), "f1": x.f1, "judge": x.judge} for m, x in get.items()
+        },
+        "retention": {m.method: m.contains for m in ev.methods if m.group == "retention"},
         "retention_probes": ev.probes_retention,
         "perplexity": ev.perplexity,
         "ppl_change": {k: v / base_ppl - 1 for k, v in ev.perplexity.items()},
@@ -169,65 +172,158 @@ def main() -> None:
             for m, x in get.items()
         },
     }
+
+
+METRICS = ("contains", "user", "teacher", "f1", "judge")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean ± sd over training seeds of every figure the table prints."""
+    methods = runs[0]["recall"]
+    out: dict = {
+        "recall": {m: {k: spread([r["recall"][m].get(k) for r in runs]) for k in METRICS} for m in methods},
+        "retention": {m: spread([r["retention"].get(m) for r in runs]) for m in runs[0]["retention"]},
+        "perplexity": {m: spread([r["perplexity"].get(m) for r in runs]) for m in runs[0]["perplexity"]},
+        "ppl_change": {m: spread([r["ppl_change"].get(m) for r in runs]) for m in runs[0]["ppl_change"]},
+        "seed_wall_s": spread([r["seed"]["wall_s"] for r in runs]),
+    }
+    dreams = [r["seed_dream"] for r in runs if r["seed_dream"] and "contains" in r["seed_dream"]]
+    if dreams:
+        out["seed_dream"] = {k: spread([d.get(k) for d in dreams]) for k in (*METRICS, "retention", "ppl")}
+        out["seed_dream"]["made_current"] = sum(bool(d["made_current"]) for d in dreams)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="quick-cpu")
+    ap.add_argument("--memories", default=str(ROOT / "examples" / "memories.jsonl"))
+    ap.add_argument("--teacher")
+    ap.add_argument("--student")
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--out", default=str(ROOT / ".bench"))
+    ap.add_argument("--name", help="name of the result file (default: recipe and time)")
+    ap.add_argument("--home", help="reuse this home: an unfinished seed resumes, a finished one is evaluated")
+    ap.add_argument("--no-eval", action="store_true", help="stop after seeding (a later call with --home evaluates)")
+    ap.add_argument("--no-dream", action="store_true", help="skip the dream step and its seed+dream row")
+    ap.add_argument(
+        "--no-baselines", action="store_true", help="skip the naive-SFT baseline (base and in-context stay)"
+    )
+    ap.add_argument("--seeds", type=int, default=1, help="training seeds, each in its own home (mean ± sd)")
+    args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
+    if args.home and args.seeds > 1:
+        ap.error("--home names one home; --seeds N makes one per seed")
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name = args.name or f"{Path(args.recipe).stem}-{stamp}"
+    out = Path(args.out)
+    ov = parse_overrides(args.overrides)
+    con = Console(stderr=True)
+
+    runs = []
+    for k in range(args.seeds):
+        if args.home:
+            home = Path(args.home)
+        else:
+            home = out / name / ("home" if args.seeds == 1 else f"home-seed{k}")
+        seed_ov = ov if args.seeds == 1 else {**ov, "training.seed": k}
+        r = one_run(args, home, seed_ov, con)
+        if r is None:
+            continue
+        runs.append(r)
+        if args.seeds > 1:
+            con.print(f"seed {k}: seed recall {100 * r['recall']['sleep']['contains']:.1f}% ({home})")
+    if not runs:
+        return
+    first, summary = runs[0], summarize(runs)
+    result = {
+        "name": name,
+        "recipe": args.recipe,
+        "memories_file": args.memories,
+        "machine": machine(),
+        "seeds": args.seeds,
+        **first,  # one seed's figures as before; `summary` holds mean ± sd over all of them
+        "summary": summary,
+        "runs": runs if args.seeds > 1 else [],
+    }
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
+    print_tables(args, first, summary, len(runs))
+    if first["seed_dream"]:
+        con.print(f"dream: {first['seed_dream']['message']} ({first['seed_dream']['wall_s']:.0f} s)")
+    con.print(f"results: {path}")
 
+
+def print_tables(args, first: dict, summary: dict, n_seeds: int) -> None:
+    seeds = f", {n_seeds} training seeds (mean ± sd)" if n_seeds > 1 else ""
     t = Table(
-        title=f"sleepctl bench: {args.recipe} on {Path(args.memories).name} ({n_memories} memories, "
-        f"{ev.probes_new} held-out probes), {machine()}"
+        title=f"sleepctl bench: {args.recipe} on {Path(args.memories).name} ({first['memories']} memories, "
+        f"{first['heldout_probes']} held-out probes: {first['recall']['base']['user_probes']} user, "
+        f"{first['recall']['base']['teacher_probes']} teacher), {machine()}{seeds}"
     )
-    cols = ["method", "contains", "F1", "judge", "general ppl", "ppl change"]
+    label = {"base": "base (closed-book)", "in-context": "in-context", "naive-sft": "naive SFT", "sleep": "seed"}
+    retention = summary["retention"]
+    cols = ["method", "contains", "user probes", "teacher probes", "F1", "judge", "general ppl", "ppl change"]
     if retention:
-        cols.insert(4, f"retention ({ev.probes_retention} older probes)")
+        cols.insert(6, f"retention ({first['retention_probes']} older probes)")
     for c in cols:
         t.add_column(c, justify="left" if c == "method" else "right")
 
-    def ret(v: float | None) -> list[str]:
-        return [("-" if v is None else f"{100 * v:.1f}%")] if retention else []
+    def row(name: str, rec: dict, ret: dict | None, ppl: dict | None, change: dict | None) -> None:
+        t.add_row(
+            name,
+            cell(rec["contains"]),
+            cell(rec["user"]),
+            cell(rec["teacher"]),
+            cell(rec["f1"], pct=False, digits=3),
+            cell(rec["judge"]),
+            *([cell(ret)] if retention else []),
+            cell(ppl, pct=False, digits=2),
+            cell(change, signed=True),
+        )
 
     for m in ("base", "in-context", "naive-sft", "sleep"):
-        if m in get:
-            x = get[m]
-            p = ev.perplexity.get(m)
-            t.add_row(
+        if m in summary["recall"]:
+            row(
                 label[m],
-                f"{100 * x.contains:.1f}%",
-                f"{x.f1:.3f}",
-                "-" if x.judge is None else f"{100 * x.judge:.1f}%",
-                *ret(retention.get(m)),
-                "-" if p is None else f"{p:.2f}",
-                "-" if p is None else f"{100 * (p / base_ppl - 1):+.1f}%",
+                summary["recall"][m],
+                retention.get(m),
+                summary["perplexity"].get(m),
+                summary["ppl_change"].get(m),
             )
-    if dream_row and "contains" in dream_row:
-        p = dream_row["ppl"]
-        t.add_row(
-            "seed + dream" + ("" if dream_row["made_current"] else " (not current)"),
-            f"{100 * dream_row['contains']:.1f}%",
-            f"{dream_row['f1']:.3f}",
-            "-" if dream_row["judge"] is None else f"{100 * dream_row['judge']:.1f}%",
-            *ret(dream_row["retention"]),
-            "-" if p is None else f"{p:.2f}",
-            "-" if p is None else f"{100 * (p / base_ppl - 1):+.1f}%",
+    sd = summary.get("seed_dream")
+    if sd:
+        base = summary["perplexity"]["base"]["mean"]
+        change = (
+            None
+            if sd["ppl"] is None
+            else {**sd["ppl"], "mean": sd["ppl"]["mean"] / base - 1, "sd": sd["ppl"]["sd"] / base}
         )
+        current = (
+            f"current {sd['made_current']}/{sd['contains']['n']}"
+            if n_seeds > 1
+            else ("" if sd["made_current"] else "not current")
+        )
+        row(f"seed + dream ({current})" if current else "seed + dream", sd, sd["retention"], sd["ppl"], change)
     Console().print(t)
-    if dream_row:
-        con.print(f"dream: {dream_row['message']} ({dream_row['wall_s']:.0f} s)")
-    c = Table(title="cost")
+    c = Table(title="cost" + (" (first seed)" if n_seeds > 1 else ""))
     c.add_column("what")
     c.add_column("value", justify="right")
-    c.add_row("seed wall time (record + prompts + training + save)", f"{seed_wall:.0f} s")
-    c.add_row("seed optimizer steps", str(s.steps))
-    c.add_row("seed peak memory", f"{s.peak_memory_mb:.0f} MiB")
-    c.add_row("training tokens/s (seed, student tokens scored)", f"{train_tps:.0f}")
-    c.add_row("rollout tokens/s (student sampling)", "-" if not ro else f"{statistics.mean(ro):.0f}")
-    if ev.baseline:
-        c.add_row(
-            "naive SFT wall time / tokens/s", f"{ev.baseline['wall_s']:.0f} s / {ev.baseline['tokens_per_second']:.0f}"
-        )
-    c.add_row("eval wall time (all methods, baseline training included)", f"{eval_wall:.0f} s")
+    s, ev_wall = first["seed"], first["eval_wall_s"]
+    c.add_row("seed wall time (record + prompts + training + save)", f"{s['wall_s']:.0f} s")
+    c.add_row("seed optimizer steps", str(s["steps"]))
+    c.add_row("seed peak memory", f"{s['peak_memory_mb']:.0f} MiB")
+    c.add_row("training tokens/s (seed, student tokens scored)", f"{s['train_tokens_per_s']:.0f}")
+    ro = s["rollout_tokens_per_s"]
+    c.add_row("rollout tokens/s (student sampling)", "-" if not ro else f"{ro:.0f}")
+    if first["naive_sft"]:
+        b = first["naive_sft"]
+        c.add_row("naive SFT wall time / tokens/s", f"{b['wall_s']:.0f} s / {b['tokens_per_second']:.0f}")
+    c.add_row("eval wall time (all methods, baseline training included)", f"{ev_wall:.0f} s")
     Console().print(c)
-    con.print(f"results: {path}")
 
 
 if __name__ == "__main__":

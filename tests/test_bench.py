@@ -29,14 +29,35 @@ def test_bench_writes_results(tmp_path, tiny_dir, small_memories):
     assert res["memories"] == 3 and res["heldout_probes"] >= 6
     assert res["seed"]["steps"] == 4 and res["seed"]["peak_memory_mb"] > 0
     assert res["seed_dream"] is not None and "message" in res["seed_dream"]
+    sleep = res["recall"]["sleep"]
+    assert sleep["user_probes"] + sleep["teacher_probes"] == res["heldout_probes"]
+    assert res["summary"]["recall"]["sleep"]["contains"]["n"] == 1
     text = r.stdout.decode()
     for word in ("base (closed-book)", "in-context", "naive SFT", "seed", "ppl change", "rollout tokens/s"):
         assert word in text
+    assert "user probes" in text and "teacher probes" in text
     # a second call on the same home reuses the seed and its evaluation
     r2 = script("bench.py", *common, "--name", "t2", "--home", str(out / "t" / "home"), "--no-dream")
     assert r2.returncode == 0, r2.stderr.decode()[-3000:]
     again = json.loads((out / "t2.json").read_text())
     assert again["recall"] == res["recall"] and Path(again["seed"]["run_dir"]) == Path(res["seed"]["run_dir"])
+
+
+def test_bench_seeds_give_mean_and_spread(tmp_path, tiny_dir, small_memories):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    out = tmp_path / "bench"
+    common = ("--recipe", str(recipe), "--memories", str(small_memories), "--out", str(out), "--no-dream")
+    r = script("bench.py", *common, "--no-baselines", "--seeds", "2", "--name", "s")
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    res = json.loads((out / "s.json").read_text())
+    assert res["seeds"] == 2 and len(res["runs"]) == 2
+    assert res["runs"][0]["home"] != res["runs"][1]["home"]
+    stats = res["summary"]["recall"]["sleep"]["contains"]
+    values = [x["recall"]["sleep"]["contains"] for x in res["runs"]]
+    assert stats["n"] == 2 and abs(stats["mean"] - sum(values) / 2) < 1e-9
+    assert "±" in r.stdout.decode()
+    bad = script("bench.py", *common, "--seeds", "2", "--home", str(tmp_path / "h"), timeout=120)
+    assert bad.returncode == 2 and b"one per seed" in bad.stderr
 
 
 def test_gpu_bench_runs_at_toy_size(tmp_path):
