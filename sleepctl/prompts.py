@@ -121,9 +121,13 @@ _STOP = {
 _ENTITY = re.compile(r"\b[A-Z][\w\-]*(?:\s+(?:[A-Z][\w\-]*|of|de|van|von))*(?:\s+[A-Z][\w\-]*)?")
 
 
+_REDACTED = re.compile(r"\[REDACTED:[a-z0-9_]{1,40}\]")
+
+
 def entities(text: str, limit: int) -> list[str]:
     """Named things in a memory, most mentioned first: the handles a later question will use."""
     counts: Counter[str] = Counter()
+    text = _REDACTED.sub(" ", text)  # a redacted credential is no name to ask about
     for m in _ENTITY.finditer(text):
         words = m.group(0).split()
         while words and words[0] in _STOP:

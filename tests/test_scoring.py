@@ -48,3 +48,4 @@ def test_parse_questions_and_entities():
     assert parse_questions(text, 5) == ["Where is the Kestrel server?", "Who moved it?"]
     ents = entities("Heads up: Orla Brennick moved the Kestrel build server. Orla Brennick did it on Tuesday.", 3)
     assert ents[0] == "Orla Brennick" and "Kestrel" in ents and "Heads" not in ents
+    assert "REDACTED" not in " ".join(entities("Orla set [REDACTED:password] on Kestrel. [REDACTED:aws_key] too.", 5))
