@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -102,23 +103,54 @@ def _decode(data: bytes, where: str) -> str:
 
 def _pydantic_msg(e: ValidationError) -> str:
     parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "record"
+    for err in e.errors()[:3]:  # keys come from the input: a few, each cut short, keep the error one readable line
+        loc = ".".join(str(x)[:40] for x in err["loc"]) or "record"
         parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+    return "; ".join(parts) + (f"; and {e.error_count() - 3} more" if e.error_count() > 3 else "")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: object, line: str) -> str | None:
+    """The first lone surrogate a JSON escape put in `obj` (`\\ud800` alone): SQLite cannot store it."""
+    if not _SURROGATE_ESCAPE.search(line):  # escapes of any surrogate, paired or not, are rare: check only then
+        return None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        return f"\\u{ord(e.object[e.start]):04x}"
+    return None
 
 
 def parse_jsonl(text: str, where: str, fmt: Format) -> list[ParsedMemory]:
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also splits at U+2028, U+0085, \x0b... which valid JSON carries raw in strings
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            # a trailing \r (CRLF) is JSON whitespace; strict=False takes a raw tab or \x0b inside a string as it is
+            obj = json.loads(line, strict=False)
         except json.JSONDecodeError as e:
             raise InputError(
                 f"{where}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); nothing from this file was recorded"
             ) from e
+        except RecursionError as e:
+            raise InputError(
+                f"{where}:{lineno}: JSON nested too deeply to read; nothing from this file was recorded"
+            ) from e
+        except ValueError as e:  # an integer of over 4,300 digits (Python's int-from-text limit)
+            raise InputError(
+                f"{where}:{lineno}: malformed JSON (a number too long to read); nothing from this file was recorded"
+            ) from e
+        bad = _lone_surrogate(obj, line)
+        if bad:
+            raise InputError(
+                f"{where}:{lineno}: a string holds the lone surrogate {bad}, which is not text;"
+                " nothing from this file was recorded",
+                hint="escape a character outside the BMP as a surrogate pair, or write it as UTF-8",
+            )
         if not isinstance(obj, dict):
             raise InputError(
                 f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}; nothing from this file was recorded"
@@ -151,7 +183,8 @@ def parse_note(text: str, where: str, separator: str | None) -> list[ParsedMemor
 
 def _split(text: str, separator: str) -> list[str]:
     chunks, cur = [], []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # "\n" only, so a note keeps its U+2028 and form feeds
+        line = line.removesuffix("\r")
         if line.strip() == separator:
             chunks.append("\n".join(cur))
             cur = []
@@ -179,6 +212,8 @@ def parse_source(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> list[ParsedMemory]:
     """Parse one file (or stdin) completely, or raise: a file is never half-recorded."""
+    # a file name that is not UTF-8 arrives as lone surrogates (PEP 383) and becomes the stored source: spell them out
+    where = where.encode("utf-8", "backslashreplace").decode()
     text = _decode(data, where)
     if not text.strip():
         raise InputError(f"{where}: empty input, nothing to record")
@@ -195,13 +230,20 @@ def parse_source(
                 hint="split it into smaller memories, or raise --max-bytes",
             )
         if do_redact:
-            m.text, n = redact(m.text)
-            if m.messages:
-                msgs = []
-                for msg in m.messages:
-                    c, _ = redact(msg.content)
-                    msgs.append(Message(role=msg.role, content=c))
-                m.messages = msgs
-            m.redactions = n
-            m.hash = content_hash(m.kind, m.text)
+            redact_memory(m)
     return memories
+
+
+def redact_memory(m: ParsedMemory) -> None:
+    """Every field that is stored, not only the text: a probe, a tag or a source reaches the teacher's prompts
+    and the run files as surely as the memory does. The messages are what the text renders, counted once."""
+    m.text, n = redact(m.text)
+    if m.messages:
+        m.messages = [Message(role=x.role, content=redact(x.content)[0]) for x in m.messages]
+    m.source, k = redact(m.source)
+    tags = [redact(t) for t in m.tags]
+    probes = [(redact(p.question), redact(p.answer)) for p in m.probes]
+    m.tags = [t for t, _ in tags]
+    m.probes = [ProbeIn(question=q, answer=a) for (q, _), (a, _) in probes]
+    m.redactions = n + k + sum(c for _, c in tags) + sum(cq + ca for (_, cq), (_, ca) in probes)
+    m.hash = content_hash(m.kind, m.text)
