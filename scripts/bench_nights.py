@@ -72,7 +72,7 @@ def load_nights(folder: Path, n: int) -> list[list[dict]]:
     nights = []
     for k in range(1, n + 1):
         p = folder / f"night{k}.jsonl"
-        nights.append([json.loads(x) for x in p.read_text().splitlines() if x.strip()])
+        nights.append([json.loads(x) for x in p.read_text().split("\n") if x.strip()])  # JSONL: "\n" only
     return nights
 
 

@@ -386,7 +386,7 @@ def full_seed(t_dir: Path, s_dir: Path, n: int, engine: str, work: Path, steps: 
     t0 = time.time()
     r = seed("qwen-small-large", home=home, teacher="small", student="large", overrides=ov, show_progress=False)
     wall = time.time() - t0
-    rows = [json.loads(x) for x in (Path(r.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (Path(r.run_dir) / "metrics.jsonl").read_text().split("\n") if x.strip()]
     summary = json.loads((Path(r.run_dir) / "summary.json").read_text())
     ro = [x["rollout/tokens_per_s"] for x in rows if x.get("rollout/tokens_per_s")]
     return {
@@ -408,7 +408,7 @@ def night_memories(n: int) -> list[dict]:
     files = [ROOT / "examples" / "memories.jsonl"] + sorted((ROOT / "benchmarks" / "nights").glob("night*.jsonl"))
     recs = []
     for f in files:
-        for line in f.read_text().splitlines():
+        for line in f.read_text().split("\n"):  # JSONL: "\n" only
             if line.strip():
                 r = json.loads(line)
                 r.pop("corrects", None)
@@ -445,7 +445,7 @@ def full_night(n: int, work: Path, overrides: dict) -> dict:
 
     with open_store(home) as st:
         from_examples = {t.id for t in st.traces() if t.source.startswith("memories.jsonl")}
-    rows = [json.loads(x) for x in (Path(s.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (Path(s.run_dir) / "metrics.jsonl").read_text().split("\n") if x.strip()]
     ro = [(x.get("rollout/tokens") or 0, x.get("rollout_s") or 0.0) for x in rows]
 
     def recall(method: str, ids: set[str] | None, origin: str | None = "user") -> float | None:
