@@ -31,16 +31,24 @@ from .adapters import NEW, STACK, active, lineage, publish_adapter, stack_lora
 from .anchor import AnchorText, kl_drift
 from .data import Example, build_data, context, link
 from .engines import lora_capacity, release_engines
-from .evaluate import answer, inference_engine, perplexity, run_recipe
+from .evaluate import answer, inference_engine, job_recipe, perplexity
 from .general_text import reference_paragraphs
 from .home import Home, open_home, sleep_lock
 from .loop import train
 from .models import load_model
 from .objectives import SeedObjective
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, with_overrides
 from .records import Adapter, Probe, Trace
 from .replay import NightBatches, cached_examples, without_stale
-from .runs import find_resumable, latest_checkpoint, load_checkpoint, run_status, seed_everything, start_run
+from .runs import (
+    find_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    run_status,
+    seed_everything,
+    start_run,
+    sweep,
+)
 from .scoring import contains_match
 from .seed import check_stack, engines_for, load_teacher, vllm_check
 from .store import Store
@@ -85,11 +93,8 @@ def consolidate(
         with sleep_lock(h, "consolidate"):
             st = Store(h.db_path)
             try:
-                cfg = None
-                if recipe is None and st.current_adapter_id():
-                    cfg = run_recipe(st.adapter(st.current_adapter_id()), st)
-                if cfg is None or overrides:
-                    cfg = load_recipe(recipe, overrides)[0] if recipe or cfg is None else _override(cfg, overrides)
+                sweep(h, st)  # what a job that died left behind
+                cfg = job_recipe(st, recipe, overrides)
                 res = consolidate_locked(cfg, h, st, if_needed=if_needed, show_progress=show_progress)
             finally:
                 st.close()
@@ -101,23 +106,28 @@ def consolidate(
 
 
 def _override(cfg: Recipe, overrides: dict) -> Recipe:
-    from .recipe import set_key
-
-    raw = cfg.model_dump()
-    for k, v in overrides.items():
-        set_key(raw, k, v)
-    return Recipe.model_validate(raw)
+    return with_overrides(cfg, overrides)
 
 
-def consolidate_locked(cfg: Recipe, h: Home, st: Store, *, if_needed: bool, show_progress: bool) -> ConsolidateResult:
-    """The work, for a caller that already holds the home's lock (dream's automatic consolidation)."""
+def consolidate_locked(
+    cfg: Recipe, h: Home, st: Store, *, if_needed: bool, show_progress: bool, retrain: bool = False
+) -> ConsolidateResult:
+    """The work, for a caller that already holds the home's lock (dream's automatic consolidation).
+
+    `retrain` (`forget --retrain`): the stack holds forgotten memories. Even a one-adapter stack is
+    consolidated, the old stack is never a teacher (it knows what is forgotten), and the result is made
+    current whatever the gate finds (what got worse is still reported).
+    """
     t0 = time.time()
+    if retrain:
+        cfg = cfg.model_copy(deep=True)
+        cfg.consolidate.stack_kl_coef = 0.0
     current = st.current_adapter_id()
     if current is None:
         return ConsolidateResult(status="nothing", message="nothing to consolidate: no adapter yet")
     stack = lineage(st, current)
     limit = cfg.consolidate.max_adapters
-    if len(stack) <= 1:
+    if len(stack) <= 1 and not retrain:
         return ConsolidateResult(status="nothing", message="nothing to consolidate: the current stack is one adapter")
     if if_needed and len(stack) <= limit:
         return ConsolidateResult(
@@ -135,10 +145,12 @@ def consolidate_locked(cfg: Recipe, h: Home, st: Store, *, if_needed: bool, show
     )
     err.print(f"[dim]consolidating {len(held)} memories of a {len(stack)}-adapter stack into one adapter…[/dim]")
     with run_status(st, rf):
-        return _run(cfg, h, st, rf, stack, held, t0, show_progress)
+        return _run(cfg, h, st, rf, stack, held, t0, show_progress, retrain)
 
 
-def _run(cfg: Recipe, h: Home, st: Store, rf, stack: list[Adapter], held: list[Trace], t0: float, show: bool):
+def _run(
+    cfg: Recipe, h: Home, st: Store, rf, stack: list[Adapter], held: list[Trace], t0: float, show: bool, retrain: bool
+):
     tr, cc = cfg.training, cfg.consolidate
     current = stack[-1].id
     student_name = stack[-1].base_model
@@ -286,7 +298,7 @@ def _run(cfg: Recipe, h: Home, st: Store, rf, stack: list[Adapter], held: list[T
         replaces=current,
         trace_ids=[t.id for t in held],
         metrics=metrics,
-        make_current=not worse,
+        make_current=not worse or retrain,
         expect_current=current,
     )
     st.update_run(
@@ -311,6 +323,8 @@ def _run(cfg: Recipe, h: Home, st: Store, rf, stack: list[Adapter], held: list[T
     vs = ", ".join(f"v{x.version}" for x in stack)
     if a.current:
         res.message = f"consolidated {len(held)} memories of {vs} into adapter v{a.version}, now current"
+        if worse:
+            res.message += f" (retrained without forgotten memories, although {'; '.join(worse)})"
     else:
         why = "; ".join(worse) or "the current adapter changed while it trained"
         res.message = f"adapter v{a.version} kept but not made current ({why}); {vs} stays current"

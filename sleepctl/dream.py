@@ -37,16 +37,26 @@ from rich.console import Console
 
 from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
 from .anchor import AnchorText
+from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
-from .evaluate import answer
+from .evaluate import answer, job_recipe
 from .home import Home, open_home, sleep_lock
 from .loop import train
 from .models import load_model, resolve
 from .objectives import Pair, SFTObjective, sft_loss
 from .prompts import entities, render, restatement
-from .recipe import Lora, Recipe, load_recipe
+from .recipe import Lora, Recipe
 from .records import Adapter, Probe, Trace
-from .runs import RunFolder, find_resumable, latest_checkpoint, load_checkpoint, run_status, seed_everything, start_run
+from .runs import (
+    RunFolder,
+    find_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    run_status,
+    seed_everything,
+    start_run,
+    sweep,
+)
 from .scoring import contains_match
 from .store import Store, now
 from .training import adapter_state, add_lora, make_optimizer
@@ -105,7 +115,7 @@ class Log:
         with open(self.path, "a") as f:
             f.write(f"{now()} {msg}\n")
         if not self.quiet:
-            err.print(f"[dim]{msg}[/dim]", highlight=False)
+            err.print(plain(msg, "dim"))  # messages name models and adapters: plain text, never markup
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -159,17 +169,19 @@ def dream(
     """Rehearse the newest adapter's memories. `consolidate` (default: the recipe's `consolidate.auto`):
     consolidate the stack afterwards when it has grown past `consolidate.max_adapters`."""
     t0 = time.time()
-    cfg, _ = load_recipe(recipe, overrides)
+    h = open_home(home)
+    with Store(h.db_path) as st:
+        cfg = job_recipe(st, recipe, overrides)  # the newest adapter's own recipe unless one is named
     if max_minutes is not None:
         cfg.dream.max_minutes = max_minutes
     if max_dreams is not None:
         cfg.dream.max_dreams = max_dreams
-    h = open_home(home)
     log = Log(h, quiet=not show_progress)
     try:
         with sleep_lock(h, "dream"):
             st = Store(h.db_path)
             try:
+                sweep(h, st)  # what a job that died left behind
                 res = _dream(cfg, h, st, t0, log)
                 auto = cfg.consolidate.auto if consolidate is None else consolidate
                 if auto and res.made_current:

@@ -23,10 +23,10 @@ from .anchor import kl_drift
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .errors import ModelError, SleepError
 from .general_text import reference_paragraphs
-from .home import open_home
+from .home import open_home, private_umask
 from .models import load_model, resolve
 from .prompts import render
-from .recipe import Recipe, load_recipe, set_key
+from .recipe import Recipe, load_recipe, with_overrides
 from .records import Adapter, Probe, Trace
 from .runs import seed_everything
 from .scoring import contains_match, token_f1
@@ -200,6 +200,18 @@ def run_recipe(a: Adapter | None, st: Store) -> Recipe | None:
     return load_recipe(p)[0] if p.exists() else None
 
 
+def job_recipe(st: Store, recipe: str | None, overrides: dict | None, a: Adapter | None = None) -> Recipe:
+    """The recipe a job runs with: the one named; else the one that trained the adapter (default: the current
+    one), so a `dream` or `eval` after a GPU seed keeps its models instead of falling back to the CPU default."""
+    if recipe is None:
+        if a is None and st.current_adapter_id():
+            a = st.adapter(st.current_adapter_id())
+        cfg = run_recipe(a, st)
+        if cfg is not None:
+            return with_overrides(cfg, overrides)
+    return load_recipe(recipe, overrides)[0]
+
+
 def evaluate(
     target: str | None = None,
     *,
@@ -215,18 +227,11 @@ def evaluate(
     next job of this process."""
     t0 = time.time()
     h = open_home(home)
-    st = Store(h.db_path)
+    st = Store(h.db_path, readonly=True)  # eval writes its report beside the run, never the store
     try:
         a = resolve_target(st, target)
         notes: list[str] = []
-        cfg = run_recipe(a, st) if recipe is None else None
-        if cfg is None:
-            cfg, _ = load_recipe(recipe, overrides)
-        elif overrides:
-            raw = cfg.model_dump()
-            for k, v in overrides.items():
-                set_key(raw, k, v)
-            cfg = Recipe.model_validate(raw)
+        cfg = job_recipe(st, recipe, overrides, a)
         student_name = cfg.model_name(student or cfg.student)
         if a is not None and a.base_model != student_name:
             raise ModelError(
@@ -315,11 +320,16 @@ def evaluate(
             wall_s=time.time() - t0,
         )
         folder = Path(st.run(a.run_id).dir) if a else h.root / "evals" / new_id("eval")
-        folder.mkdir(parents=True, exist_ok=True)
-        report.path = str(folder / "eval.json")
-        (folder / "eval.json").write_text(report.model_dump_json(indent=2))
-        (folder / "eval-recipe.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        plot(report, folder / "eval.png", history=_history(st))
+        try:
+            with private_umask():
+                folder.mkdir(parents=True, exist_ok=True)
+                report.path = str(folder / "eval.json")
+                (folder / "eval.json").write_text(report.model_dump_json(indent=2))
+                (folder / "eval-recipe.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+                plot(report, folder / "eval.png", history=_history(st))
+        except OSError as e:  # a read-only home is evaluated all the same; only the report is not kept
+            report.path = None
+            report.notes.append(f"report not saved in {folder}: {e.strerror or e}")
         return report
     finally:
         st.close()
@@ -400,7 +410,7 @@ def load_report(st: Store, ref: str) -> EvalReport:
 def compare_reports(a: str, b: str, *, home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Two saved reports side by side, method by method."""
     h = open_home(home)
-    with Store(h.db_path) as st:
+    with Store(h.db_path, readonly=True) as st:
         for ref in (a, b):  # a mistyped name is the first thing to report
             resolve_target(st, ref)
         ra, rb = load_report(st, a), load_report(st, b)

@@ -1,9 +1,14 @@
-"""Where one agent's memories, runs and adapters live."""
+"""Where one agent's memories, runs and adapters live.
+
+A home holds private memories: its folders are 0700 and its files 0600 whatever the umask, and a home
+that is only read is never written (read commands open its store read-only, see store.py).
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +62,48 @@ class Home:
     def lock_path(self) -> Path:
         return self.root / "sleep.lock"
 
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+
+def writable(p: Path) -> bool:
+    """Writable by us and by its owner's permission bits: root passes os.access on anything, and a home its
+    owner made read-only (chmod a-w) is left alone by root too."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return False
+    return os.access(p, os.W_OK) and bool(mode & stat.S_IWUSR)
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and folders made meanwhile are the owner's only (0600/0700), whatever the caller's umask."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def private_tree(root: Path) -> None:
+    """Folders 0700 and files 0600 under `root` (symlinks are neither followed nor changed)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name, mode in [(d, 0o700) for d in dirnames] + [(f, 0o600) for f in filenames]:
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+                if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                    os.chmod(p, stat.S_IMODE(st.st_mode) & mode)
+            except OSError:
+                pass
+    try:
+        if stat.S_IMODE(os.stat(root).st_mode) & 0o077:
+            os.chmod(root, 0o700)
+    except OSError:
+        pass
+
 
 @contextmanager
 def sleep_lock(h: Home, job: str) -> Iterator[None]:
@@ -64,7 +111,11 @@ def sleep_lock(h: Home, job: str) -> Iterator[None]:
 
     flock: released by the kernel when the process dies, SIGKILL included, so a lock is never stale.
     Opened without following a symlink, so a planted link cannot make the lock truncate another file.
+    What the job writes meanwhile (runs, adapters, datasets) is private: the umask is 077 while it is held.
     """
+    from .store import Store
+
+    Store(h.db_path).close()  # a foreign, empty or read-only store is refused before the lock file is made
     path = h.lock_path
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -88,31 +139,44 @@ def sleep_lock(h: Home, job: str) -> Iterator[None]:
     f.write(f"{job}, pid {os.getpid()}, since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
     f.flush()
     try:
-        yield
+        with private_umask():
+            yield
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
 
 def open_home(home: str | os.PathLike | None = None, create: bool = False) -> Home:
-    """Open a home; with `create`, make it. A missing home on read is an error, not a silent new one."""
-    root = resolve_home(home)
+    """Open a home; with `create`, make it. A folder without a store is no home: only a command that writes
+    memories (`create`) makes one there, any other says so and creates nothing."""
+    root = resolve_home(home).absolute()
+    missing = StoreError(
+        f"no sleepctl home at {root}" + (" (it has no sleepctl.db)" if root.is_dir() else ""),
+        hint="record memories first (sleepctl record FILE), or pass --home / set SLEEPCTL_HOME",
+    )
     if not root.exists():
         if not create:
-            raise StoreError(
-                f"no sleepctl home at {root}",
-                hint="record memories first (sleepctl record FILE), or pass --home / set SLEEPCTL_HOME",
-            )
+            raise missing
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            with private_umask():
+                root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create home {root}: {e.strerror}", hint="choose a writable --home") from e
     if not root.is_dir():
         raise StoreError(f"home {root} is not a directory")
-    if create and not os.access(root, os.W_OK | os.X_OK):
-        raise StoreError(f"home {root} is not writable", hint="fix its permissions or choose another --home")
     h = Home(root)
-    if create:
-        for d in (h.runs_dir, h.adapters_dir, h.logs_dir):
-            d.mkdir(exist_ok=True)
+    if not create:
+        if not h.db_path.exists():
+            raise missing
+        return h
+    if not (writable(root) and os.access(root, os.X_OK)):
+        raise StoreError(f"home {root} is not writable", hint="fix its permissions or choose another --home")
+    if h.db_path.exists():
+        return h  # its store is checked when opened: nothing is made beside a file that may not be ours
+    try:
+        with private_umask():
+            for d in (h.runs_dir, h.adapters_dir, h.logs_dir):
+                d.mkdir(exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create home {root}: {e.strerror}", hint="choose a writable --home") from e
     return h

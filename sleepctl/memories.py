@@ -11,7 +11,8 @@ from pydantic import BaseModel
 from .errors import InputError
 from .home import open_home
 from .ingest import DEFAULT_MAX_BYTES, Format, ParsedMemory, parse_source
-from .records import Probe, Trace
+from .records import Probe, Trace, since_timestamp
+from .redact import redact as redact_text
 from .store import Store, new_id, now
 
 
@@ -23,8 +24,9 @@ class RecordResult(BaseModel):
     home: str
 
 
-def open_store(home: str | os.PathLike | None = None, create: bool = False) -> Store:
-    return Store(open_home(home, create=create).db_path)
+def open_store(home: str | os.PathLike | None = None, create: bool = False, readonly: bool = False) -> Store:
+    """`readonly` for reading (no migration, no write lock, a read-only home works); `create` makes a home."""
+    return Store(open_home(home, create=create).db_path, create=create, readonly=readonly)
 
 
 def record(
@@ -57,6 +59,10 @@ def record(
         parsed += parse_source(text.encode(), "<text>", fmt if fmt != "auto" else "note", separator, redact, max_bytes)
     if not parsed:
         raise InputError("nothing to record", hint="give files, '-' for stdin, or --text")
+    extra_tags, tag_redactions = list(tags or []), 0
+    if redact:
+        redacted = [redact_text(x) for x in extra_tags]
+        extra_tags, tag_redactions = [x for x, _ in redacted], sum(n for _, n in redacted)
     st = open_store(home, create=True)
     res = RecordResult(home=str(st.path.parent))
     try:
@@ -74,14 +80,14 @@ def record(
                     text=m.text,
                     messages=m.messages,
                     source=m.source,
-                    tags=sorted(set(m.tags + (tags or []))),
-                    redactions=m.redactions,
+                    tags=sorted(set(m.tags + extra_tags)),
+                    redactions=m.redactions + tag_redactions,
                     created_at=now(),
                     updated_at=now(),
                 )
                 st.insert_trace(db, t)
                 res.added.append(t.id)
-                res.redactions += m.redactions
+                res.redactions += m.redactions + tag_redactions
                 for p in m.probes:
                     res.probes_added += st.insert_probe(db, _user_probe(t.id, p.question, p.answer))
     finally:
@@ -102,9 +108,14 @@ def _user_probe(trace_id: str, question: str, answer: str) -> Probe:
     )
 
 
-def add_probe(memory: str, question: str, answer: str, home: str | os.PathLike | None = None) -> Probe:
+def add_probe(
+    memory: str, question: str, answer: str, home: str | os.PathLike | None = None, redact: bool = True
+) -> Probe:
+    """A user probe; credentials in it are redacted like a memory's (a probe is put to the adapter and stored)."""
     if not question.strip() or not answer.strip():
         raise InputError("a probe needs a non-empty question and answer")
+    if redact:
+        question, answer = redact_text(question)[0], redact_text(answer)[0]
     with open_store(home) as st:
         t = st.trace(memory)
         p = _user_probe(t.id, question.strip(), answer.strip())
@@ -119,11 +130,12 @@ def list_memories(
 ) -> list[Trace]:
     if status not in (None, "pending", "consolidated"):
         raise InputError(f"unknown status {status!r}: use pending or consolidated")
-    with open_store(home) as st:
+    since = since_timestamp(since) if since else None
+    with open_store(home, readonly=True) as st:
         return st.traces(status=status, since=since)
 
 
 def show_memory(ref: str, home: str | os.PathLike | None = None) -> tuple[Trace, list[Probe]]:
-    with open_store(home) as st:
+    with open_store(home, readonly=True) as st:
         t = st.trace(ref)
         return t, st.probes([t.id])

@@ -282,6 +282,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def with_overrides(cfg: Recipe, overrides: dict[str, Any] | None) -> Recipe:
+    """A validated recipe with `key.sub=value` overrides applied, validated again."""
+    if not overrides:
+        return cfg
+    raw = cfg.model_dump()
+    for k, v in overrides.items():
+        set_key(raw, k, v)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"overrides: {e}") from None
+
+
 def load_recipe(name_or_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[Recipe, Path]:
     path = recipe_path(name_or_path)
     try:

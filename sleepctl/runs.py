@@ -3,16 +3,22 @@
 A run folder holds the resolved recipe, versions, memory ids, metrics.jsonl, an append-only
 checkpoints.jsonl and the checkpoints themselves (adapter weights as safetensors; optimizer and
 schedule state loaded with `weights_only`, so a tampered checkpoint cannot run code).
+
+A job that dies (killed, or the disk full) can leave its run `running` and temporary or unregistered
+folders behind; the next job sweeps them under the home's lock (`sweep`), and the same command resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
 import random
+import re
 import shutil
+import sqlite3
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,7 +74,9 @@ class MetricsLog:
         if not self.path.exists():
             return []
         out = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text().split("\n"):  # "\n" only: JSONL strings may hold a raw U+2028
+            if not line.strip():
+                continue
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
@@ -95,12 +103,16 @@ def start_run(
 ) -> RunFolder:
     run_id = new_id(kind)
     path = home.run_dir(run_id)
-    path.mkdir(parents=True)
-    (path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    (path / "versions.json").write_text(json.dumps(versions(), indent=2))
-    (path / "memory_ids.json").write_text(json.dumps(memory_ids))
     key = {"kind": kind, "recipe": config_hash(recipe), "memories": config_hash(memory_ids), **(extra or {})}
-    (path / "resume_key.json").write_text(json.dumps(key))
+    try:
+        path.mkdir(parents=True)
+        (path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        (path / "versions.json").write_text(json.dumps(versions(), indent=2))
+        (path / "memory_ids.json").write_text(json.dumps(memory_ids))
+        (path / "resume_key.json").write_text(json.dumps(key))
+    except OSError as e:
+        shutil.rmtree(path, ignore_errors=True)
+        raise SleepError(f"cannot start a {kind} run in {path}: {e.strerror or e}", hint=_hint(e)) from e
     run = Run(id=run_id, kind=kind, status="running", dir=str(path), started_at=now())
     st.insert_run(run)
     return RunFolder(run, path)
@@ -179,17 +191,74 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
 
 @contextmanager
 def run_status(st: Store, rf: RunFolder, summary: dict | None = None):
-    """A run that ends by an exception is marked failed (interrupted for Ctrl-C), so it never stays `running`."""
+    """A run that ends by an exception is marked failed (interrupted for Ctrl-C), so it never stays `running`
+    (if even that cannot be written, the disk being full, the next job's `sweep` marks it). A failed file
+    write (a full disk) is one line, not a traceback."""
     from .errors import EXIT_INTERRUPTED
 
     try:
         yield
     except KeyboardInterrupt:
-        st.update_run(rf.run.id, "interrupted", summary)
+        _end(st, rf, "interrupted", summary)
         raise
     except SleepError as e:
-        st.update_run(rf.run.id, "interrupted" if e.exit_code == EXIT_INTERRUPTED else "failed", summary)
+        _end(st, rf, "interrupted" if e.exit_code == EXIT_INTERRUPTED else "failed", summary)
         raise
+    except OSError as e:
+        _end(st, rf, "failed", {**(summary or {}), "error": str(e)[:500]})
+        where = f" ({e.filename})" if e.filename else ""
+        raise SleepError(f"{rf.run.kind} run {rf.run.id} failed: {e.strerror or e}{where}", hint=_hint(e)) from e
     except BaseException as e:
-        st.update_run(rf.run.id, "failed", {**(summary or {}), "error": str(e)[:500]})
+        _end(st, rf, "failed", {**(summary or {}), "error": str(e)[:500]})
         raise
+
+
+def _end(st: Store, rf: RunFolder, status: str, summary: dict | None) -> None:
+    try:
+        st.update_run(rf.run.id, status, summary)
+    except (sqlite3.Error, SleepError):
+        pass  # the store cannot be written now; `sweep` marks the run failed at the next start
+
+
+def _hint(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "free disk space in the home; the next run clears what this one left, and the same command resumes"
+    return "the same command resumes from the last checkpoint"
+
+
+# --- what a dead job left behind ---------------------------------------------------------------------------
+
+_RUN_DIR = re.compile(r"^(seed|dream|consolidate)_[0-9a-f]+$")
+_ADAPTER_DIR = re.compile(r"^v\d+-(a_[0-9a-f]+)$")
+
+
+def sweep(home: Home, st: Store) -> list[str]:
+    """Clear what a job that died left, before the next one starts; call it holding the home's sleep lock
+    (no other job is writing then). Runs left `running` become `failed` (the same command resumes them);
+    `.tmp` files and folders go, and run or adapter folders the store does not know (a crash between
+    writing one and registering it). Nothing the store knows is touched. Returns what it cleared."""
+    gone = [f"run {i} (marked failed)" for i in st.fail_abandoned_runs()]
+    adapters = {a.id for a in st.adapters()}
+    runs = {r.id for r in st.runs()}
+    debris: list[Path] = []
+    for p in _children(home.adapters_dir):
+        m = _ADAPTER_DIR.match(p.name)
+        if p.name.startswith(".tmp-") or (m and m.group(1) not in adapters):
+            debris.append(p)
+    for p in _children(home.runs_dir):
+        if _RUN_DIR.match(p.name) and p.name not in runs:
+            debris.append(p)
+        elif p.is_dir():
+            debris += [*p.glob("*.tmp"), *(p / "checkpoints").glob(".tmp-*")]
+    debris += home.datasets_dir.glob("*.tmp") if home.datasets_dir.is_dir() else []
+    for p in debris:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(str(p.relative_to(home.root)))
+    return gone
+
+
+def _children(d: Path) -> list[Path]:
+    return sorted(d.iterdir()) if d.is_dir() else []

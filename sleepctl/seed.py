@@ -39,7 +39,7 @@ from .models import OFFLINE_MODELS, compare_tokenizers, load_model, resolve
 from .objectives import SeedObjective, encode_answer
 from .prompts import render
 from .recipe import Recipe, load_recipe
-from .records import Probe, Trace
+from .records import Probe, Trace, since_timestamp
 from .replay import NightBatches, cached_examples, choose, memory_losses, without_stale
 from .runs import (
     config_hash,
@@ -49,6 +49,7 @@ from .runs import (
     run_status,
     seed_everything,
     start_run,
+    sweep,
 )
 from .store import Store
 from .training import add_lora, make_optimizer, peak_memory_mb
@@ -151,6 +152,7 @@ def seed(
     """Consolidate pending memories into a new adapter. `keep_engines`: leave vLLM engines running for the
     next job of this process (a multi-night script); otherwise they are shut down at the end."""
     t_start = time.time()
+    since = since_timestamp(since) if since else None
     cfg = prepare(recipe, teacher, student, overrides)
     if cfg.engine == "vllm":
         require_vllm()  # before any model loads: a clear message in a second, not a traceback in a minute
@@ -158,6 +160,7 @@ def seed(
     with sleep_lock(h, "seed"):
         st = Store(h.db_path)
         try:
+            sweep(h, st)  # what a job that died left behind
             pending = st.traces(status="pending", since=since)
             if not pending:
                 return SeedResult(status="nothing", message="nothing to consolidate: no pending memories")
