@@ -46,12 +46,13 @@ def test_nothing_to_dream_about(home, tmp_path, tiny_dir, small_memories):
     assert r.returncode == 0 and b"nothing to dream about" in r.stdout
 
 
-def test_dream_end_to_end(home, seeded):
+def test_dream_end_to_end(home, seeded, tiny_dir):
     first, recipe = seeded
-    res = dream(str(recipe), home=home, show_progress=False)
+    res = dream(home=home, show_progress=False)  # no recipe named: the seed's own, not the CPU default
     assert res.status in ("done", "not-current"), res.message
     assert res.dreams > 0 and res.kept > 0 and res.rewarded > 0 and res.steps == 4
     run = Path(open_store(home).run(res.run_id).dir)
+    assert str(tiny_dir) in (run / "recipe.yaml").read_text()
     for f in ("dreams.json", "scores.json", "rewards.json", "metrics.jsonl", "summary.json"):
         assert (run / f).exists(), f
     dreams = json.loads((run / "dreams.json").read_text())

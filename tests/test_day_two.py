@@ -1,0 +1,41 @@
+"""Day-two friction: -h everywhere, shell completion offered, --since that says what it takes."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from sleepctl.errors import InputError
+from sleepctl.records import since_timestamp
+
+from .conftest import cli, cli_json
+
+
+def test_short_help_on_every_level():
+    for args in ([], ["list"], ["adapters"], ["adapters", "list"], ["recipes"], ["probe", "add"]):
+        r = cli(*args, "-h")
+        assert r.returncode == 0 and b"Usage:" in r.stdout and b"No such option" not in r.stderr, (args, r.stderr)
+    assert b"--install-completion" in cli("--help").stdout
+
+
+def test_since_takes_dates_days_and_ages():
+    now = datetime(2026, 11, 27, 21, 0, tzinfo=timezone.utc)
+    assert since_timestamp("2026-11-27T09:00+02:00", now) == "2026-11-27T07:00:00.000+00:00"
+    assert since_timestamp("3d", now) == "2026-11-24T21:00:00.000+00:00"
+    assert since_timestamp("12h", now) == "2026-11-27T09:00:00.000+00:00"
+    assert since_timestamp("yesterday", now) < since_timestamp("today", now) <= now.isoformat()
+    for bad in ("last week", "3 fortnights", "", "2026-13-01"):
+        with pytest.raises(InputError):
+            since_timestamp(bad, now)
+
+
+def test_list_since(tmp_path):
+    home = str(tmp_path / "h")
+    assert cli("record", "--text", "The offsite moved to Lisbon.", "--home", home).returncode == 0
+    assert len(cli_json("list", "--home", home, "--since", "yesterday")) == 1
+    assert len(cli_json("list", "--home", home, "--since", "1h")) == 1
+    assert cli_json("list", "--home", home, "--since", "2999-01-01") == []
+    r = cli("list", "--home", home, "--since", "yesterdy")
+    lines = [x for x in r.stderr.decode().splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--since 'yesterdy' is not a date" in lines[0]
