@@ -429,10 +429,15 @@ def adapters_prune(
     as_json: bool = JsonOpt,
 ) -> None:
     """Delete adapters outside the current lineage (replaced by a consolidation, rolled back, not kept)."""
-    from .adapters import prunable, prune
-    from .memories import open_store
+    from contextlib import nullcontext
 
-    with open_store(home) as st:
+    from .adapters import prunable, prune
+    from .home import open_home, sleep_lock
+    from .store import Store
+
+    h = open_home(home)
+    # deleting waits for no job: a seed or consolidation publishing meanwhile could be building on these
+    with nullcontext() if dry_run else sleep_lock(h, "prune"), Store(h.db_path, readonly=dry_run) as st:
         cands = prunable(st)
         if not cands:
             emit(

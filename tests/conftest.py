@@ -93,6 +93,14 @@ def small_memories(tmp_path) -> Path:
     return p
 
 
+def sigint_default() -> None:
+    """preexec_fn for a child that a test stops with Ctrl-C: a shell that starts the suite in the background
+    leaves SIGINT ignored, the child would inherit that, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(
     *args: str, input: bytes | None = None, env: dict | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:

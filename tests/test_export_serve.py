@@ -23,7 +23,7 @@ import yaml
 import sleepctl
 from sleepctl.errors import SleepError, UsageError
 
-from .conftest import ROOT, write_recipe
+from .conftest import ROOT, sigint_default, write_recipe
 
 IDS = torch.tensor([[1, 28, 3457, 314, 260, 1789, 30, 2, 198, 1, 520, 9531, 198]])
 
@@ -485,6 +485,7 @@ def test_serve_cli_on_the_port_asked_for(stacked):
         stderr=subprocess.PIPE,
         env=env,
         cwd=ROOT,
+        preexec_fn=sigint_default,
     )
     try:
         ready = json.loads(p.stdout.readline())  # printed once the port is bound

@@ -15,6 +15,7 @@ from sleepctl.consolidate import consolidate
 from sleepctl.errors import SleepError
 from sleepctl.evaluate import evaluate
 from sleepctl.general_text import anchor_paragraphs, drift_items, reference_paragraphs
+from sleepctl.home import open_home, sleep_lock
 from sleepctl.memories import open_store
 from sleepctl.models import load_model
 from sleepctl.seed import seed
@@ -207,6 +208,9 @@ def test_consolidation_replaces_the_stack_and_rollback_and_prune(home, tmp_path,
         assert [a.version for a in lineage(st, st.current_adapter_id())] == [1, 2, 3]
         assert st.counts()["pending"] == 0
         rollback(st, c.id)
+    with sleep_lock(open_home(home), "seed"):  # a job that publishes holds the home: prune waits its turn
+        r = cli("adapters", "prune", "--home", str(home), "--yes")
+        assert r.returncode == 75 and b"another sleepctl job" in r.stderr
     r = cli("adapters", "prune", "--home", str(home), "--yes")
     assert r.returncode == 0 and b"deleted v1" in r.stdout
     with open_store(home) as st:
@@ -296,8 +300,6 @@ def test_a_tampered_checkpoint_is_refused_without_running(tmp_path, tiny_dir, sm
 
 
 def test_seed_waits_for_no_one_while_another_job_holds_the_home(home, recipe, small_memories):
-    from sleepctl.home import open_home, sleep_lock
-
     record([small_memories], home=home)
     with sleep_lock(open_home(home), "dream"):
         r = cli("seed", "--recipe", str(recipe), "--home", str(home))

@@ -18,7 +18,7 @@ from sleepctl.errors import ModelError, SleepError
 from sleepctl.memories import open_store
 from sleepctl.seed import Interrupted, seed
 
-from .conftest import EXAMPLES, cli, wait_for_lines, write_recipe
+from .conftest import EXAMPLES, cli, sigint_default, wait_for_lines, write_recipe
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -166,6 +166,7 @@ def test_ctrl_c_exits_130_and_resumes(home, tmp_path, tiny_dir, small_memories):
         [sys.executable, "-m", "sleepctl.cli", "seed", "--recipe", str(recipe), "--home", str(home)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=sigint_default,
     )
     assert wait_for_lines(home, "seed_*/metrics.jsonl", 2), "no step was logged"
     proc.send_signal(signal.SIGINT)
