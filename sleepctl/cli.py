@@ -111,10 +111,17 @@ def _root(
 @app.command()
 def record(
     files: list[str] = typer.Argument(
-        None, help="Files to record: .jsonl (chat or text records), .md/.txt notes; '-' for stdin."
+        None,
+        help="Files to record: .jsonl/.json (sleepctl's records, or OpenAI, Anthropic, LangChain, Claude Code, mem0,"
+        " Letta logs), .md/.txt notes; '-' for stdin.",
     ),
     text: str | None = typer.Option(None, "--text", "-t", help="Record this text as one note."),
-    fmt: str = typer.Option("auto", "--format", "-f", help="auto, chat, text or note."),
+    fmt: str = typer.Option(
+        "auto",
+        "--format",
+        "-f",
+        help="auto, chat, text, note, openai, responses, anthropic, langchain, claude-code, mem0 or letta.",
+    ),
     split: str | None = typer.Option(None, "--split", help="Split notes on lines equal to this separator, e.g. '---'."),
     tag: list[str] = typer.Option([], "--tag", help="Tag every recorded memory (repeatable)."),
     no_redact: bool = typer.Option(
@@ -125,10 +132,11 @@ def record(
     as_json: bool = JsonOpt,
 ) -> None:
     """Record memories (traces) into the home; duplicates are skipped, credentials redacted."""
+    from .importers import FOREIGN, FORMATS, describe
     from .memories import record as api_record
 
-    if fmt not in ("auto", "chat", "text", "note"):
-        raise UsageError(f"unknown --format {fmt!r}: use auto, chat, text or note")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}: use {', '.join(FORMATS)}")
     if not files and text is None:
         raise UsageError("nothing to record: give files, '-' for stdin, or --text")
     if max_bytes < 1:
@@ -149,6 +157,10 @@ def record(
         if r.redactions:
             redacted = (f"redacted {r.redactions} credential(s)", "yellow")
             err.print(line(redacted, " before storing (--no-redact turns this off)"))
+        if set(r.formats) & set(FOREIGN.values()) or r.skipped:
+            read = ", ".join(f"{k} ({n})" for k, n in r.formats.items())
+            left = f"; left out of the memory text: {describe(r.skipped)}" if r.skipped else ""
+            err.print(line(f"read as {read}{left}"))
 
     emit(res, as_json, human)
 

@@ -2,7 +2,8 @@
 
 Accepted: chat JSONL (`{"messages": [...]}`), JSONL with a `text` field, and plain text/markdown notes
 (one per file, or split on a separator line). A JSONL record may carry `tags`, `source` and `probes`
-(`[{"question": ..., "answer": ...}]`), so a memory and its user probes travel together.
+(`[{"question": ..., "answer": ...}]`), so a memory and its user probes travel together. The logs other
+tools write (OpenAI, Anthropic, LangChain, Claude Code, mem0, Letta), and JSON documents: `importers.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from .records import Message, TraceKind
 from .redact import redact
 
 DEFAULT_MAX_BYTES = 1_000_000  # one memory; a 10 MB "memory" is a log dump, not something to put in weights
-Format = Literal["auto", "chat", "text", "note"]
+Format = Literal[
+    "auto", "chat", "text", "note", "openai", "responses", "anthropic", "langchain", "claude-code", "mem0", "letta"
+]
 
 
 class ProbeIn(BaseModel):
@@ -76,6 +79,8 @@ class ParsedMemory:
     tags: list[str]
     probes: list[ProbeIn]
     redactions: int = 0
+    format: str = ""  # what it was read as: chat, text, note, openai, anthropic, ...
+    skipped: dict[str, int] = field(default_factory=dict)  # left out of the text: {"system prompt": 1, "image": 2}
     hash: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,59 +128,10 @@ def _lone_surrogate(obj: object, line: str) -> str | None:
     return None
 
 
-def parse_jsonl(text: str, where: str, fmt: Format) -> list[ParsedMemory]:
-    out = []
-    # "\n" only: str.splitlines also splits at U+2028, U+0085, \x0b... which valid JSON carries raw in strings
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            # a trailing \r (CRLF) is JSON whitespace; strict=False takes a raw tab or \x0b inside a string as it is
-            obj = json.loads(line, strict=False)
-        except json.JSONDecodeError as e:
-            raise InputError(
-                f"{where}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); nothing from this file was recorded"
-            ) from e
-        except RecursionError as e:
-            raise InputError(
-                f"{where}:{lineno}: JSON nested too deeply to read; nothing from this file was recorded"
-            ) from e
-        except ValueError as e:  # an integer of over 4,300 digits (Python's int-from-text limit)
-            raise InputError(
-                f"{where}:{lineno}: malformed JSON (a number too long to read); nothing from this file was recorded"
-            ) from e
-        bad = _lone_surrogate(obj, line)
-        if bad:
-            raise InputError(
-                f"{where}:{lineno}: a string holds the lone surrogate {bad}, which is not text;"
-                " nothing from this file was recorded",
-                hint="escape a character outside the BMP as a surrogate pair, or write it as UTF-8",
-            )
-        if not isinstance(obj, dict):
-            raise InputError(
-                f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}; nothing from this file was recorded"
-            )
-        kind = fmt if fmt in ("chat", "text") else ("chat" if "messages" in obj else "text" if "text" in obj else None)
-        if kind is None:
-            raise InputError(
-                f"{where}:{lineno}: a record needs a 'messages' list or a 'text' field; nothing from this file was recorded"
-            )
-        try:
-            rec = ChatRecord.model_validate(obj) if kind == "chat" else TextRecord.model_validate(obj)
-        except ValidationError as e:
-            raise InputError(f"{where}:{lineno}: {_pydantic_msg(e)}; nothing from this file was recorded") from e
-        src = rec.source or f"{where}:{lineno}"
-        if isinstance(rec, ChatRecord):
-            out.append(ParsedMemory("chat", render_chat(rec.messages), rec.messages, src, rec.tags, rec.probes))
-        else:
-            out.append(ParsedMemory("text", rec.text.strip(), None, src, rec.tags, rec.probes))
-    return out
-
-
 def parse_note(text: str, where: str, separator: str | None) -> list[ParsedMemory]:
     chunks = [text] if separator is None else _split(text, separator)
     return [
-        ParsedMemory("note", c.strip(), None, where if len(chunks) == 1 else f"{where}#{i}", [], [])
+        ParsedMemory("note", c.strip(), None, where if len(chunks) == 1 else f"{where}#{i}", [], [], format="note")
         for i, c in enumerate(chunks, 1)
         if c.strip()
     ]
@@ -200,7 +156,17 @@ def detect_format(name: str, text: str) -> Format:
         return "auto"
     if suffix in (".md", ".txt", ".markdown", ".rst"):
         return "note"
-    return "auto" if text.lstrip().startswith("{") else "note"
+    start = text.lstrip()[:1]
+    return "auto" if start == "{" or start == "[" and _is_json(text) else "note"
+
+
+def _is_json(text: str) -> bool:
+    """A JSON array on stdin is a document; a note that starts with `[x] done` is not."""
+    try:
+        json.loads(text, strict=False)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def parse_source(
@@ -219,7 +185,9 @@ def parse_source(
         raise InputError(f"{where}: empty input, nothing to record")
     if fmt == "auto":
         fmt = detect_format(where, text)
-    memories = parse_note(text, where, separator) if fmt == "note" else parse_jsonl(text, where, fmt)
+    from .importers import parse_records  # it builds on this module
+
+    memories = parse_note(text, where, separator) if fmt == "note" else parse_records(text, where, fmt)
     if not memories:
         raise InputError(f"{where}: no memories found")
     for m in memories:

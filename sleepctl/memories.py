@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from .errors import InputError
 from .home import open_home
+from .importers import NAMES
 from .ingest import DEFAULT_MAX_BYTES, Format, ParsedMemory, parse_source
 from .records import Probe, Trace, since_timestamp
 from .redact import redact as redact_text
@@ -21,6 +22,8 @@ class RecordResult(BaseModel):
     duplicates: list[str] = []
     probes_added: int = 0
     redactions: int = 0
+    formats: dict[str, int] = {}  # memories read, by format
+    skipped: dict[str, int] = {}  # left out of the memory text: system prompts, images, earlier snapshots, ...
     home: str
 
 
@@ -65,6 +68,11 @@ def record(
         extra_tags, tag_redactions = [x for x, _ in redacted], sum(n for _, n in redacted)
     st = open_store(home, create=True)
     res = RecordResult(home=str(st.path.parent))
+    for m in parsed:
+        name = NAMES.get(m.format, m.format)
+        res.formats[name] = res.formats.get(name, 0) + 1
+        for k, n in m.skipped.items():
+            res.skipped[k] = res.skipped.get(k, 0) + n
     try:
         with st.transaction() as db:
             seen: set[str] = set()
