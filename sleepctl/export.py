@@ -178,18 +178,15 @@ def export_adapter(
             (tmp / "sleepctl.json").write_text(json.dumps(meta, indent=2))
             (tmp / "README.md").write_text(_card(meta, lora[1]["r"]))
     a = stack[-1]
-    return ExportResult(
-        kind="adapter",
-        path=str(p),
-        adapter_id=a.id,
-        adapter_version=a.version,
-        lineage=[x.id for x in stack],
-        base_model=a.base_model,
-        base_model_id=base_id,
-        base_model_path=str(base_path),
+    return _result(
+        "adapter",
+        p,
+        stack,
+        base_id,
+        base_path,
+        out_dtype,
+        f"exported adapter v{a.version} ({len(stack)} stacked, rank {lora[1]['r']}) to {p}",
         rank=lora[1]["r"],
-        dtype=str(out_dtype).removeprefix("torch."),
-        message=f"exported adapter v{a.version} ({len(stack)} stacked, rank {lora[1]['r']}) to {p}",
     )
 
 
@@ -223,8 +220,15 @@ def export_merged(
             tok.save_pretrained(tmp)
             (tmp / "sleepctl.json").write_text(json.dumps(meta, indent=2))
     a = stack[-1]
+    msg = f"exported {a.base_model} with adapter v{a.version} ({len(stack)} stacked) merged in to {p}"
+    return _result("merged", p, stack, base_id, base_path, out_dtype, msg)
+
+
+def _result(kind: str, p: Path, stack: list[Adapter], base_id: str, base_path: Path, dtype, message: str, **extra):
+    """What both exports report: the lineage they hold and the base it applies to."""
+    a = stack[-1]
     return ExportResult(
-        kind="merged",
+        kind=kind,
         path=str(p),
         adapter_id=a.id,
         adapter_version=a.version,
@@ -232,8 +236,9 @@ def export_merged(
         base_model=a.base_model,
         base_model_id=base_id,
         base_model_path=str(base_path),
-        dtype=str(out_dtype).removeprefix("torch."),
-        message=f"exported {a.base_model} with adapter v{a.version} ({len(stack)} stacked) merged in to {p}",
+        dtype=str(dtype).removeprefix("torch."),
+        message=message,
+        **extra,
     )
 
 
