@@ -37,7 +37,7 @@ from .home import Home, open_home, sleep_lock
 from .loop import train
 from .models import load_model
 from .objectives import SeedObjective
-from .recipe import Recipe, with_overrides
+from .recipe import Recipe
 from .records import Adapter, Probe, Trace
 from .replay import NightBatches, cached_examples, without_stale
 from .runs import (
@@ -103,10 +103,6 @@ def consolidate(
             release_engines()
     res.wall_s = time.time() - t0
     return res
-
-
-def _override(cfg: Recipe, overrides: dict) -> Recipe:
-    return with_overrides(cfg, overrides)
 
 
 def consolidate_locked(

@@ -129,9 +129,8 @@ def _forget(h: Home, st: Store, refs: list[str], match: str | None, dry_run: boo
 def _retrain(h: Home, st: Store, res: ForgetResult, recipe: str | None, overrides: dict | None, show: bool) -> None:
     """Consolidate the current stack's remaining memories into a fresh adapter, if that stack holds any
     forgotten one; with nothing left to hold, the base model becomes current."""
-    from .consolidate import _override, consolidate_locked
-    from .evaluate import run_recipe
-    from .recipe import load_recipe
+    from .consolidate import consolidate_locked
+    from .evaluate import job_recipe
 
     current = st.current_adapter_id()
     stack = lineage(st, current)
@@ -143,11 +142,7 @@ def _retrain(h: Home, st: Store, res: ForgetResult, recipe: str | None, override
         res.retrain = {"status": "base", "message": "no memory of the current stack remains: the base model is current"}
         res.message += "; " + res.retrain["message"]
         return
-    cfg = run_recipe(st.adapter(current), st) if recipe is None else None
-    if cfg is None:
-        cfg = load_recipe(recipe, overrides)[0]
-    elif overrides:
-        cfg = _override(cfg, overrides)
+    cfg = job_recipe(st, recipe, overrides, st.adapter(current))
     c = consolidate_locked(cfg, h, st, if_needed=False, show_progress=show, retrain=True)
     res.retrain = c.model_dump()
     res.exit_code = c.exit_code
