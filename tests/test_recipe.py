@@ -54,3 +54,17 @@ def test_profiles_and_unknown_profile():
         prepare(None, "medium", None, None)
     with pytest.raises(RecipeError, match="unknown student profile"):
         prepare(None, None, "self", None)
+
+
+def test_a_source_tree_without_install_reads_the_repo_recipes(monkeypatch):
+    """On the GPU machine the package runs from a copied source tree on PYTHONPATH, where the
+    `sleepctl.recipes` mapping of pyproject does not exist: recipes come from the repo's recipes/."""
+    from sleepctl import recipe as rmod
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(rmod, "files", missing)
+    folder = rmod._recipes_dir()
+    assert (folder / "qwen-small-large.yaml").is_file()
+    assert folder.resolve() == (rmod.Path(rmod.__file__).resolve().parent.parent / "recipes").resolve()
