@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from sleepctl.engines import HFEngine, make_engine
+from sleepctl.engines import HFEngine, lora_capacity, make_engine
 from sleepctl.errors import ModelError
 from sleepctl.models import load_model
-from sleepctl.recipe import VLLM, Lora
+from sleepctl.recipe import VLLM, Lora, load_recipe
 from sleepctl.training import add_lora, completion_logits
 from sleepctl.vllm_engine import (
     check_logprobs,
@@ -74,6 +74,17 @@ def test_lora_slot_rounds_up_to_a_served_rank():
     assert lora_slot(65) == 128
     with pytest.raises(ModelError, match="larger than vLLM serves"):
         lora_slot(2048)
+
+
+def test_lora_capacity_keeps_one_engine_through_a_refused_consolidation():
+    """The H100 five-night run restarted vLLM when a refused consolidation left five adapters (rank 160)
+    under an engine sized for four: the slot chosen on night 1 must already hold that stack."""
+    cfg, _ = load_recipe("qwen-small-large", {"consolidate.max_adapters": 3})
+    first = lora_slot(lora_capacity(cfg, 0))
+    # dream consolidates past 3 adapters; refused, the next night trains a fifth on a frozen four
+    assert all(lora_slot(lora_capacity(cfg, frozen)) == first for frozen in range(0, 5))
+    assert first >= cfg.lora.r * 5
+    assert lora_capacity(cfg, 9) >= cfg.lora.r * 10  # deeper than planned for: still served, by a restart
 
 
 def test_engine_kwargs_follow_the_recipe():
