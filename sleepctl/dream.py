@@ -23,6 +23,7 @@ past `consolidate.max_adapters`, a consolidation follows (consolidate.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -221,7 +222,13 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
     older = sorted({i for a in under for i in a.trace_ids if i in traces and i not in set(recent_ids)})
     if not recent_ids:
         return DreamResult(status="nothing", message="nothing to dream about: the current sleep holds no memories")
-    rng = random.Random(f"{tr.seed}:{current}")
+    # Keyed on what tonight holds, not on the adapter's id (time and random bits): the same memories and
+    # seed draw the same dreams, replay and selection in any home, so a dream can be reproduced.
+    night = (
+        f"{tr.seed}:v{newest.version}:"
+        + hashlib.sha256("".join(sorted(traces[i].hash for i in recent_ids)).encode()).hexdigest()[:16]
+    )
+    rng = random.Random(night)
     replay_ids = rng.sample(older, min(len(older), math.ceil(dc.replay_fraction * len(recent_ids))))
     targets = [traces[i] for i in recent_ids + replay_ids]
     probes = [p for p in st.probes([t.id for t in targets]) if p.superseded_by is None]
@@ -300,7 +307,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         by_id = {d["id"]: d for d in dreams}
         kept = [by_id[i] for i in _cached(rf, "kept.json") or []]
         if not kept:
-            pick = random.Random(f"{tr.seed}:{current}:keep")
+            pick = random.Random(f"{night}:keep")
             for t in targets:
                 mine = sorted((d for d in dreams if d["trace_id"] == t.id), key=lambda d: -scores.get(d["id"], -1.0))
                 top, rest = mine[: dc.top_k], mine[dc.top_k :]

@@ -85,10 +85,10 @@ def test_time_budget_stops_cleanly_then_resumes(home, seeded):
     with open_store(home) as st:
         assert st.current_adapter_id() == first.adapter_id
     res = dream(str(recipe), home=home, show_progress=False)
-    assert res.status in ("done", "not-current") and res.dreams > 0
-    # random weights: whether any dream earns a reward differed between runs (none rewarded once in three, under
-    # load; not yet explained); either way the resumed run must end cleanly, trained fully or not at all
-    assert res.steps == 4 if res.rewarded else (res.steps == 0 and "no dream improved recall" in res.message)
+    # the resumed run is the run an uninterrupted one would have been: its dreams are drawn from a key of the
+    # night's memories and the seed (once from the adapter id, time and random bits, so whether any dream
+    # earned a reward changed from run to run)
+    assert res.status in ("done", "not-current") and res.dreams > 0 and res.rewarded > 0 and res.steps == 4
     with open_store(home) as st:
         assert len(st.runs("dream")) == 1  # the same run, continued
         assert st.current_adapter_id() == (res.adapter_id if res.made_current else first.adapter_id)
