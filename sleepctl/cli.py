@@ -160,6 +160,8 @@ def record(
         if set(r.formats) & set(FOREIGN.values()) or r.skipped:
             read = ", ".join(f"{k} ({n})" for k, n in r.formats.items())
             left = f"; left out of the memory text: {describe(r.skipped)}" if r.skipped else ""
+            if r.skipped.get("system prompt"):
+                left += " (system prompts are kept beside their memory: sleepctl show ID)"
             err.print(line(f"read as {read}{left}"))
 
     emit(res, as_json, human)
@@ -218,6 +220,9 @@ def show(
     def human(_) -> None:
         out.print(line((t.id, "bold"), f"  {t.kind}  {t.status}  source={t.source}  redactions={t.redactions}"))
         out.print(plain(t.text, multiline=True))
+        if t.system:
+            out.print(line(("system prompt (not part of the memory):", "dim")))
+            out.print(plain(t.system, multiline=True))
         for p in probes:
             out.print(line(f"  [{p.origin}/{p.split}] {p.question} → {p.answer}"))
 

@@ -96,6 +96,7 @@ class _Conv:
     messages: list[Message] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     tools: dict[str, str] = field(default_factory=dict)
+    system: list[str] = field(default_factory=list)  # system/developer prompts, kept beside the memory
 
     def say(self, role: str, text: str) -> None:
         text = text.strip()
@@ -399,7 +400,10 @@ def _record(r: Record, where: str, fmt: str) -> list[ParsedMemory]:
         skipped = Counter({"system prompt": len(rec.messages) - len(kept)})
         if not any(m.content.strip() for m in kept):
             raise InputError(f"{at}: messages: no message has content but a system prompt{NOTHING}")
-        return [_memory("chat", render_chat(kept), kept, rec.source or at, rec.tags, rec.probes, "chat", skipped)]
+        system = _join([m.content for m in rec.messages if m.role == "system"])
+        return [
+            _memory("chat", render_chat(kept), kept, rec.source or at, rec.tags, rec.probes, "chat", skipped, system)
+        ]
     raise InputError(f"{at}: not a format sleepctl reads: {UNKNOWN}{NOTHING}")
 
 
@@ -412,9 +416,18 @@ def _memory(
     probes: list[ProbeIn],
     fmt: str,
     skipped: Counter | None = None,
+    system: str | None = None,
 ) -> ParsedMemory:
     left_out = {k: v for k, v in (skipped or {}).items() if v}
-    return ParsedMemory(kind, text, messages, source, list(tags), list(probes), format=fmt, skipped=left_out)
+    return ParsedMemory(
+        kind, text, messages, source, list(tags), list(probes), format=fmt, skipped=left_out, system=system
+    )
+
+
+def _join(texts: list[str]) -> str | None:
+    """Several system prompts of one conversation (a system and a developer message) as one, in order."""
+    kept = [t.strip() for t in texts if t and t.strip()]
+    return "\n\n".join(kept) or None
 
 
 def _extras(obj: dict, at: str) -> _Extras:
@@ -509,12 +522,19 @@ def _conversation(r: Record, where: str, fmt: str) -> ParsedMemory | None:
 def _finish(conv: _Conv, fmt: str, ex: _Extras) -> ParsedMemory:
     text = render_chat(conv.messages)
     source = ex.source or f"{conv.where}:{conv.line}"
-    return _memory("chat", text, conv.messages or None, source, ex.tags, ex.probes, fmt, conv.skipped)
+    return _memory(
+        "chat", text, conv.messages or None, source, ex.tags, ex.probes, fmt, conv.skipped, _join(conv.system)
+    )
 
 
 def _system(conv: _Conv, value: Any) -> None:
+    """Out of the memory's text (it is the agent's instructions, not what happened) but kept: a string, or
+    text parts (Anthropic's top-level `system`, OpenAI content parts); other parts of it are not memory."""
     if value is None or value == "" or value == []:
         return
+    parts = value if isinstance(value, list) else [value]
+    texts = [p if isinstance(p, str) else p.get("text") if isinstance(p, dict) else None for p in parts]
+    conv.system += [t for t in texts if isinstance(t, str)]
     conv.skipped["system prompt"] += 1
 
 

@@ -81,6 +81,7 @@ class ParsedMemory:
     redactions: int = 0
     format: str = ""  # what it was read as: chat, text, note, openai, anthropic, ...
     skipped: dict[str, int] = field(default_factory=dict)  # left out of the text: {"system prompt": 1, "image": 2}
+    system: str | None = None  # the system/developer prompt: stored beside the memory, out of its text and hash
     hash: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -209,9 +210,12 @@ def redact_memory(m: ParsedMemory) -> None:
     if m.messages:
         m.messages = [Message(role=x.role, content=redact(x.content)[0]) for x in m.messages]
     m.source, k = redact(m.source)
+    s = 0
+    if m.system:
+        m.system, s = redact(m.system)
     tags = [redact(t) for t in m.tags]
     probes = [(redact(p.question), redact(p.answer)) for p in m.probes]
     m.tags = [t for t, _ in tags]
     m.probes = [ProbeIn(question=q, answer=a) for (q, _), (a, _) in probes]
-    m.redactions = n + k + sum(c for _, c in tags) + sum(cq + ca for (_, cq), (_, ca) in probes)
+    m.redactions = n + k + s + sum(c for _, c in tags) + sum(cq + ca for (_, cq), (_, ca) in probes)
     m.hash = content_hash(m.kind, m.text)

@@ -87,6 +87,7 @@ def record(
                     kind=m.kind,
                     text=m.text,
                     messages=m.messages,
+                    system=m.system,
                     source=m.source,
                     tags=sorted(set(m.tags + extra_tags)),
                     redactions=m.redactions + tag_redactions,

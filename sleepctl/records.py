@@ -28,6 +28,9 @@ class Trace(BaseModel):
     kind: TraceKind
     text: str = Field(description="the memory as the teacher sees it")
     messages: list[Message] | None = None
+    system: str | None = Field(
+        None, description="the conversation's system or developer prompt: kept, but never in the memory's text"
+    )
     source: str
     tags: list[str] = []
     status: TraceStatus = "pending"

@@ -32,7 +32,7 @@ from .store import Store
 
 # table -> the columns that hold text from memories (`*_json`: JSON whose strings are checked one by one)
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "traces": ("text", "messages_json", "source", "tags_json"),
+    "traces": ("text", "messages_json", "system", "source", "tags_json"),
     "probes": ("question", "answer"),
     "examples": ("prompt", "samples_json"),
     "runs": ("summary_json",),

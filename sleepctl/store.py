@@ -126,6 +126,8 @@ MIGRATIONS: list[Migration] = [
     _m3_relative_paths,
     # 4: `forget`: an adapter trained on memories since forgotten keeps their ids here (and not in trace_ids)
     "ALTER TABLE adapters ADD COLUMN forgotten_json TEXT NOT NULL DEFAULT '[]'",
+    # 5: a conversation's system (or developer) prompt, kept beside the memory and out of its text
+    "ALTER TABLE traces ADD COLUMN system TEXT",
 ]
 
 
@@ -302,7 +304,8 @@ class Store:
 
     def insert_trace(self, db: sqlite3.Connection, t: Trace) -> None:
         db.execute(
-            "INSERT INTO traces VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO traces (id, hash, kind, text, messages_json, source, tags_json, status, adapter_id,"
+            " redactions, created_at, updated_at, system) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 t.id,
                 t.hash,
@@ -316,6 +319,7 @@ class Store:
                 t.redactions,
                 t.created_at,
                 t.updated_at,
+                t.system,
             ),
         )
 

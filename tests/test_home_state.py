@@ -150,9 +150,10 @@ def test_an_older_home_with_absolute_paths_is_migrated(tmp_path):
     os.chmod(home / "runs" / "seed_01" / "recipe.yaml", 0o644)
     with open_store(home) as st:
         dirs = {r.id: r.dir for r in st.runs()}
-        assert [r[0] for r in st.db.execute("SELECT version FROM schema_migrations")] == [1, 2, 3, 4]
+        assert [r[0] for r in st.db.execute("SELECT version FROM schema_migrations")] == [1, 2, 3, 4, 5]
         assert st.db.execute("PRAGMA application_id").fetchone()[0] == APP_ID
         stored = dict(st.db.execute("SELECT id, dir FROM runs").fetchall())
+        assert "system" in {r[1] for r in st.db.execute("PRAGMA table_info(traces)")}  # migration 5
         paths = {a.id: a.path for a in st.adapters()}
     assert stored == {
         "seed_01": "runs/seed_01",
@@ -205,7 +206,7 @@ def test_a_read_only_home_that_needs_a_migration_says_so(tmp_path):
         before = _snapshot(ro)
         r = cli("status", "--home", str(ro))
         assert r.returncode == 1 and len(_errors(r)) == 1
-        assert "read-only" in _errors(r)[0] and "migration 3, 4" in _errors(r)[0]
+        assert "read-only" in _errors(r)[0] and "migration 3, 4, 5" in _errors(r)[0]
         assert _snapshot(ro) == before
     finally:
         _chmod_tree(ro, 0o700, 0o600)

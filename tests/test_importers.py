@@ -137,6 +137,13 @@ def test_sample_records_through_the_cli(name, home):
     assert human.returncode == 0 and f"read as {FOREIGN[fmt]}".encode() in human.stderr
     if left_out:
         assert b"left out of the memory text: " in human.stderr
+    # the system or developer prompt is out of the text but kept beside it (absent[0] is a phrase of it)
+    systems = [show_memory(i, home)[0].system for i in res["added"]]
+    if left_out.get("system prompt"):
+        assert all(s and absent[0] in s for s in systems), systems
+        assert b"system prompts are kept beside their memory" in human.stderr
+    else:
+        assert systems == [None] * n
 
 
 def test_chat_memories_keep_roles_and_tool_results(home):
@@ -216,7 +223,8 @@ def test_cumulative_log_is_stored_once_and_branches_are_kept(home, tmp_path):
     )
 
 
-def test_system_messages_of_sleepctls_own_schema_are_left_out(home, tmp_path):
+def test_system_messages_of_sleepctls_own_schema_are_kept_beside_the_memory(home, tmp_path):
+    key = "sk-proj-" + "aB3dE5fG7hJ9kL2mN4pQ6rS8tU0vW1xY3zC5" * 2
     p = tmp_path / "own.jsonl"
     p.write_text(
         json.dumps(
@@ -224,6 +232,7 @@ def test_system_messages_of_sleepctls_own_schema_are_left_out(home, tmp_path):
                 "messages": [
                     {"role": "system", "content": "You are a helpful assistant."},
                     {"role": "user", "content": "Dana's train gets in at 18:40."},
+                    {"role": "system", "content": f"Tools use the key {key}."},
                 ]
             }
         )
@@ -231,8 +240,20 @@ def test_system_messages_of_sleepctls_own_schema_are_left_out(home, tmp_path):
     )
     res = record([p], home=home)
     t = show_memory(res.added[0], home)[0]
-    assert t.text == "user: Dana's train gets in at 18:40." and res.skipped == {"system prompt": 1}
+    assert t.text == "user: Dana's train gets in at 18:40." and res.skipped == {"system prompt": 2}
     assert [m.role for m in t.messages] == ["user"]
+    # both prompts, in order, with the credential in one of them redacted like the memory's own text
+    assert t.system.startswith("You are a helpful assistant.\n\nTools use the key ") and key not in t.system
+    assert res.redactions == 1 and t.redactions == 1
+    # the same conversation under another system prompt is the same memory: the prompt is not in the hash
+    p.write_text(
+        json.dumps({"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Dana's train gets in at 18:40."}]})
+        + "\n"
+    )  # fmt: skip
+    assert len(record([p], home=home).duplicates) == 1
+    shown = cli("show", t.id, "--home", str(home))
+    assert shown.returncode == 0 and b"system prompt (not part of the memory)" in shown.stdout
+    assert b"You are a helpful assistant." in shown.stdout
 
 
 def test_pretty_printed_json_of_sleepctls_own_schema(home, tmp_path):

@@ -181,7 +181,7 @@ def test_schema_on_blank_database_and_idempotent_migrations(home):
         tables = {r[0] for r in st.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"traces", "probes", "runs", "adapters", "state", "examples", "schema_migrations"} <= tables
     with open_store(home) as st:  # reopening runs no migration twice
-        assert [r[0] for r in st.db.execute("SELECT version FROM schema_migrations")] == [1, 2, 3, 4]
+        assert [r[0] for r in st.db.execute("SELECT version FROM schema_migrations")] == [1, 2, 3, 4, 5]
         cols = {r[1] for r in st.db.execute("PRAGMA table_info(probes)")}
         assert "superseded_by" in cols
 

@@ -19,7 +19,7 @@ import pytest
 
 from sleepctl import record
 from sleepctl.home import open_home, sleep_lock
-from sleepctl.memories import add_probe
+from sleepctl.memories import add_probe, show_memory
 from sleepctl.redact import find, redact, secret_name
 from sleepctl.seed import seed
 
@@ -483,3 +483,19 @@ def test_apply_merges_twins_keeps_links_and_reports_unreadable_files(home, tmp_p
     assert texts == ["deploy token [REDACTED:openai_key]"] * 2
     again = record(text=f"deploy token {keys[2]}", home=home)  # redacted on the way in: a duplicate now
     assert again.added == [] and len(again.duplicates) == 1
+
+
+def test_a_secret_in_a_stored_system_prompt_is_found_and_redacted(home, tmp_path):
+    key = "sk-proj-" + _rnd(40)
+    p = tmp_path / "chat.jsonl"
+    msgs = [
+        {"role": "system", "content": f"Call the API with {key}."},
+        {"role": "user", "content": "Ivo's bike is green."},
+    ]
+    p.write_text(json.dumps({"messages": msgs}) + "\n")
+    mid = record([p], home=home, redact=False).added[0]  # a home recorded by an older sleepctl, or --no-redact
+    scan = json.loads(cli("scan", "--home", str(home), "--json").stdout)
+    assert "store.traces" in scan["by_place"]
+    assert cli("redact", "--apply", "--home", str(home)).returncode == 0
+    t = show_memory(mid, home)[0]
+    assert key not in t.system and "[REDACTED:" in t.system and t.text == "user: Ivo's bike is green."
