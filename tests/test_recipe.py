@@ -7,7 +7,7 @@ from sleepctl.seed import prepare
 
 def test_bundled_recipes_validate():
     names = {p.stem for p in RECIPES_DIR.glob("*.yaml")}
-    assert {"quick-cpu", "qwen-cpu", "qwen-small-large"} <= names
+    assert {"quick-cpu", "qwen-cpu", "qwen-small-large", "demo-cpu"} <= names
     for n in names:
         r, _ = load_recipe(n)
         assert {"small", "large"} <= set(r.profiles)
