@@ -378,8 +378,11 @@ def _find(text: str, deep: bool = True) -> list[tuple[int, int, str]]:
             if _b64_secret(m.group()):
                 _add(spans, *m.span(), "base64_secret")
         for m in _TOKEN.finditer(text):
-            if looks_random(m.group()):
-                _add(spans, *m.span(), "high_entropy")
+            a, b = m.span()
+            while b > a and text[b - 1] == ".":  # a token never ends in a dot; a sentence does
+                b -= 1
+            if looks_random(text[a:b]):
+                _add(spans, a, b, "high_entropy")
     # a finding that touches an earlier redaction is that redaction: redacting twice changes nothing
     marks = [m.span() for m in _MARK_RE.finditer(text)] if "[REDACTED:" in text else []
     if marks:

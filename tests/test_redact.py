@@ -499,3 +499,11 @@ def test_a_secret_in_a_stored_system_prompt_is_found_and_redacted(home, tmp_path
     assert cli("redact", "--apply", "--home", str(home)).returncode == 0
     t = show_memory(mid, home)[0]
     assert key not in t.system and "[REDACTED:" in t.system and t.text == "user: Ivo's bike is green."
+
+
+def test_a_key_at_the_end_of_a_sentence_keeps_the_full_stop():
+    key = "sk-proj-" + _rnd(40)
+    token = "q8Zr2LmX7vTn4KpW9yBc3HdF6sJg1NaE5uRt0VxY"  # no rule names it: found as random text
+    assert redact(f"Call the API with {key}.") == ("Call the API with [REDACTED:openai_key].", 1)
+    text, n = redact(f"The session cookie is {token}. Then log in.")
+    assert n == 1 and text.endswith("[REDACTED:high_entropy]. Then log in.") and token not in text
