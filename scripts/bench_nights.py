@@ -351,6 +351,58 @@ def print_tables(results: list[dict], summary: dict, n: int, title: str) -> None
     con.print(t)
 
 
+def load_results(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    for r in result["runs"]:
+        for row in r["nights"]:  # JSON keys are strings: back to night numbers
+            for key in ("recall", "probes"):
+                row[key] = {int(j): v for j, v in row[key].items()}
+    return result
+
+
+def merge(args) -> None:
+    """One table over runs made in separate processes: they must be the same benchmark (recipe, overrides,
+    nights, dream) and no configuration and seed may appear twice."""
+    paths = [Path(p) / "results.json" if Path(p).is_dir() else Path(p) for p in args.merge]
+    parts = []
+    for p in paths:
+        try:
+            parts.append(load_results(p))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--merge: {p}: not a bench_nights results.json ({e})") from None
+    same = ("recipe", "overrides", "nights", "memories_per_night", "dream")
+    for p, r in zip(paths[1:], parts[1:]):
+        diff = [k for k in same if r.get(k) != parts[0].get(k)]
+        if diff:
+            raise SystemExit(f"--merge: {p} is another benchmark than {paths[0]}: {', '.join(diff)} differ")
+    runs, seen = [], set()
+    for p, r in zip(paths, parts):
+        for run in r["runs"]:
+            key = (run["config"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"--merge: {p}: {key[0]} seed {key[1]} is already in an earlier file")
+            seen.add(key)
+            runs.append(run)
+    first = parts[0]
+    name = args.name or f"{first['name']}-merged"
+    out = Path(args.out) / name
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in runs if r["nights"]]
+    result = {k: first[k] for k in ("recipe", "overrides", "machine", "nights", "memories_per_night", "dream")}
+    result |= {"name": name, "merged": [str(p) for p in paths], "runs": runs, "summary": summarise(runs)}
+    result["wall_s"] = max(r.get("wall_s", 0.0) for r in parts)  # side by side: the longest one
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    plot(runs, first["nights"], out / "retention.png")
+    seeds = sorted({r["seed"] for r in runs})
+    print_tables(
+        runs,
+        result["summary"],
+        first["nights"],
+        f"sleepctl bench-nights: {first['recipe']}, merged from {len(paths)} runs, training seeds {seeds}",
+    )
+    Console(stderr=True).print(f"results: {out / 'results.json'}\nplot: {out / 'retention.png'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="quick-cpu")
@@ -358,6 +410,15 @@ def main() -> None:
     ap.add_argument("--nights", type=int, default=5)
     ap.add_argument("--configs", default="full", help=f"comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds per configuration (mean ± sd)")
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="seeds FIRST..FIRST+SEEDS-1: one process per seed, then --merge"
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RESULTS",
+        help="combine the results.json of runs made apart (e.g. one process per seed on one GPU) into OUT/NAME",
+    )
     ap.add_argument("--dream", action="store_true", help="dream after each seed")
     ap.add_argument("--teacher")
     ap.add_argument("--student")
@@ -369,6 +430,8 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, help="start no new night after this long (then --resume)")
     args = ap.parse_args()
 
+    if args.merge:
+        return merge(args)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
@@ -382,11 +445,7 @@ def main() -> None:
     overrides = parse_overrides(args.overrides)
     path = out / "results.json"
     if args.resume and path.exists():
-        result = json.loads(path.read_text())
-        for r in result["runs"]:
-            for row in r["nights"]:  # JSON keys are strings: back to night numbers
-                for key in ("recall", "probes"):
-                    row[key] = {int(j): v for j, v in row[key].items()}
+        result = load_results(path)
     else:
         result = {
             "name": name,
@@ -409,7 +468,7 @@ def main() -> None:
     result["wall_s_before"] = result.get("wall_s", 0.0)
     finished = True
     try:
-        for s in range(args.seeds):
+        for s in range(args.first_seed, args.first_seed + args.seeds):
             for c in configs:
                 run = next((r for r in result["runs"] if r["config"] == c and r["seed"] == s), None)
                 if run is None:

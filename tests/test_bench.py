@@ -135,3 +135,35 @@ def test_bench_nights_retention_matrix_and_plot(tmp_path, tiny_dir):
     assert set(res["summary"]) == {"stack", "full"} and res["summary"]["full"]["night1_after_last"] is not None
     assert (out / "t" / "retention.png").stat().st_size > 1000
     assert "night 1: after 1" in r.stdout.decode()
+
+
+def test_bench_nights_merges_runs_made_apart(tmp_path):
+    """Seeds run as separate processes (side by side on one GPU) become one table with mean ± sd; runs of
+    another benchmark, or the same seed twice, are refused with the reason."""
+    real = json.loads((ROOT / "benchmarks" / "results" / "nights-h100-tuned" / "results.json").read_text())
+    for seed in (0, 1):
+        part = json.loads(json.dumps(real))
+        part["runs"][0]["seed"] = seed
+        if seed == 1:  # another night-1 recall, so the spread is not zero
+            part["runs"][0]["nights"][-1]["recall"]["1"] = 0.5
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "results.json").write_text(json.dumps(part))
+    out = tmp_path / "out"
+    r = script(
+        "bench_nights.py", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out), "--name", "m"
+    )
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    res = json.loads((out / "m" / "results.json").read_text())
+    after = res["summary"]["full"]["night1_after_last"]
+    assert after["n"] == 2 and abs(after["mean"] - (2 / 3 + 0.5) / 2) < 1e-9 and after["sd"] > 0.1
+    assert [x["seed"] for x in res["runs"]] == [0, 1] and (out / "m" / "retention.png").stat().st_size > 1000
+    assert "merged from 2 runs" in r.stdout.decode()
+
+    dup = script("bench_nights.py", "--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(out))
+    assert dup.returncode != 0 and b"full seed 0 is already in an earlier file" in dup.stderr
+    other = json.loads((tmp_path / "s1" / "results.json").read_text()) | {"overrides": {"engine": "hf"}}
+    (tmp_path / "s1" / "results.json").write_text(json.dumps(other))
+    bad = script("bench_nights.py", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out))
+    assert bad.returncode != 0 and b"is another benchmark than" in bad.stderr and b"overrides" in bad.stderr
+    missing = script("bench_nights.py", "--merge", str(tmp_path / "nowhere"), "--out", str(out))
+    assert missing.returncode != 0 and b"not a bench_nights results.json" in missing.stderr
