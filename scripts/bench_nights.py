@@ -3,10 +3,11 @@
     make bench-nights                                              # quick CPU recipe, the full method
     python scripts/bench_nights.py --recipe qwen-small-large --teacher small --student large \\
         --set engine=vllm --configs stack,replay,replay+anchor,full --seeds 3          # on a GPU
-    # seeds side by side on one GPU (each process its own engines: give each a share of the card), then one table
-    for s in 0 1 2; do python scripts/bench_nights.py ... --first-seed $s --name seed$s \\
-        --set vllm.gpu_memory_utilization=0.15 --set vllm.teacher_gpu_memory_utilization=0.06 & done; wait
-    python scripts/bench_nights.py --merge .bench/nights/seed0 .bench/nights/seed1 .bench/nights/seed2 --name seeds
+    # seeds side by side on one GPU, each process with its own engines and a share of the card (on an H100
+    # two fit: a trainer peaks near 22 GB, engines at 0.12 + 0.05 hold 14 GB), then one table:
+    for s in 0 1; do python scripts/bench_nights.py ... --first-seed $s --name seed$s \\
+        --set vllm.gpu_memory_utilization=0.12 --set vllm.teacher_gpu_memory_utilization=0.05 & done; wait
+    python scripts/bench_nights.py --merge .bench/nights/seed0 .bench/nights/seed1 --name seeds
 
 Memory sets: benchmarks/nights/night1.jsonl .. night5.jsonl (fictional; later nights correct earlier
 facts, some facts arrive only in tool results; benchmarks/nights/README.md). Per night and configuration:
