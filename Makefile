@@ -37,11 +37,11 @@ lint: install
 	$(VENV)/bin/ruff check sleepctl tests scripts
 	$(VENV)/bin/ruff format --check sleepctl tests scripts
 
-# The main job on six memories of the bundled example set: record, seed, eval. qwen2.5-coder-0.5b teaches
+# The main job on four memories of the bundled example set: record, seed, eval. qwen2.5-coder-0.5b teaches
 # itself (recipes/demo-cpu.yaml): SmolLM2-135M, the quick recipe's model, learned next to nothing in 20 minutes.
 demo: install-qwen
 	rm -rf $(DEMO_HOME)
-	head -n 6 examples/memories.jsonl | $(VENV)/bin/sleepctl record - --home $(DEMO_HOME)
+	head -n 4 examples/memories.jsonl | $(VENV)/bin/sleepctl record - --home $(DEMO_HOME)
 	$(VENV)/bin/sleepctl seed --recipe demo-cpu --home $(DEMO_HOME)
 	$(VENV)/bin/sleepctl eval --home $(DEMO_HOME)
 
