@@ -167,3 +167,6 @@ def test_bench_nights_merges_runs_made_apart(tmp_path):
     assert bad.returncode != 0 and b"is another benchmark than" in bad.stderr and b"overrides" in bad.stderr
     missing = script("bench_nights.py", "--merge", str(tmp_path / "nowhere"), "--out", str(out))
     assert missing.returncode != 0 and b"not a bench_nights results.json" in missing.stderr
+    neg = script("bench_nights.py", "--first-seed", "-1", "--out", str(out))
+    assert neg.returncode == 2 and b"--first-seed at least 0" in neg.stderr
+    assert [p.name for p in out.iterdir()] == ["m"]  # refused before any folder was made
