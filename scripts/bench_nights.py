@@ -155,7 +155,15 @@ def run_config(run: dict, nights: list[list[dict]], args, overrides: dict, work:
                 else {"status": d.status, "made_current": d.made_current, "rewarded": d.rewarded},
                 "consolidation": None
                 if c.status == "nothing"
-                else {"status": c.status, "made_current": c.made_current, "worse": c.worse, "steps": c.steps},
+                else {
+                    "status": c.status,
+                    "made_current": c.made_current,
+                    "worse": c.worse,
+                    "steps": c.steps,
+                    "init_kept": c.init_kept,
+                    "before": c.before,
+                    "after": c.after,
+                },
             }
         )
         run["nights"].append(row)

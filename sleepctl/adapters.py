@@ -106,6 +106,41 @@ def concat_loras(parts: list[LoraState]) -> LoraState | None:
     return out, {"r": rank, "lora_alpha": rank, "target_modules": targets}
 
 
+@torch.no_grad()
+def init_from_stack(model, state: LoraState, adapter: str) -> float:
+    """Start `adapter` at the best approximation of the stack its rank allows; returns the share kept.
+
+    Per module the stack's delta B @ A (rank R, scales folded) is cut to its top singular directions, through
+    QR of each factor so no full weight-sized matrix is formed: B = Qb Rb, A^T = Qa Ra, Rb Ra^T = U S V^T, and
+    the top k give B' = Qb U_k sqrt(S_k / s), A' = sqrt(S_k / s) V_k^T Qa^T with s the adapter's scale. Ranks
+    the stack does not fill keep their fresh LoRA init (A random, B zero) and can still learn. The share kept
+    is the squared Frobenius norm of the cut delta over the stack's, over all modules: 1.0 when nothing is lost.
+    """
+    tensors, _ = state
+    kept = total = 0.0
+    for name, mod in model.named_modules():
+        la, lb = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
+        if not isinstance(la, torch.nn.ModuleDict) or adapter not in la:
+            continue
+        a = tensors.get(name + ".lora_A.weight")
+        if a is None:
+            continue
+        b = tensors[name + ".lora_B.weight"]
+        wa, wb = la[adapter].weight, lb[adapter].weight
+        s = mod.scaling[adapter]
+        qb, rb = torch.linalg.qr(b.double())
+        qa, ra = torch.linalg.qr(a.double().T)
+        u, sv, vh = torch.linalg.svd(rb @ ra.T)
+        k = min(wa.shape[0], sv.numel())
+        root = (sv[:k] / s).sqrt()
+        wb[:, :k] = (qb @ u[:, :k] * root).to(wb)
+        wa[:k] = (root[:, None] * (vh[:k] @ qa.T)).to(wa)
+        wb[:, k:] = 0
+        kept += float((sv[:k] ** 2).sum())
+        total += float((sv**2).sum())
+    return kept / total if total > 0 else 1.0
+
+
 def _targets(cfg: dict) -> list[str]:
     t = cfg.get("target_modules") or []
     return [t] if isinstance(t, str) else list(t)

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel
 from rich.console import Console
 
-from .adapters import NEW, STACK, active, lineage, publish_adapter, stack_lora
+from .adapters import NEW, STACK, active, init_from_stack, lineage, publish_adapter, stack_lora
 from .anchor import AnchorText, kl_drift
 from .data import Example, build_data, context, link
 from .engines import lora_capacity, release_engines
@@ -37,7 +37,7 @@ from .home import Home, open_home, sleep_lock
 from .loop import train
 from .models import load_model
 from .objectives import SeedObjective
-from .recipe import Recipe
+from .recipe import Lora, Recipe
 from .records import Adapter, Probe, Trace
 from .replay import NightBatches, cached_examples, without_stale
 from .runs import (
@@ -70,6 +70,7 @@ class ConsolidateResult(BaseModel):
     replaced: list[int] = []  # versions of the stack it replaces
     memories: int = 0
     steps: int = 0
+    init_kept: float | None = None  # share of the stack the new adapter started from (None: a fresh LoRA)
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
     worse: list[str] = []
@@ -156,12 +157,20 @@ def _run(
 
     seed_everything(tr.seed)
     base, s_tok = load_model(student_name, tr.device, cfg.dtype(cfg.student))
-    # a fresh adapter on the plain base; the stack rides along inactive, as the optional extra teacher
-    model = add_lora(base, cfg.lora, stack if cc.stack_kl_coef > 0 else None, fused=tr.fused_lora)
+    # a new adapter on the plain base; the stack rides along inactive, as the optional extra teacher
+    model = add_lora(base, consolidated_lora(cfg), stack if cc.stack_kl_coef > 0 else None, fused=tr.fused_lora)
     if cc.stack_kl_coef > 0:
         model.base_model.set_adapter([NEW])
         for n, p in model.named_parameters():
             p.requires_grad_(f".{NEW}." in n)
+    # it starts where the stack is (cut to its rank), so training only repairs the cut and re-balances the
+    # nights; a stack that knows forgotten memories (`retrain`) is never a starting point
+    init = "zero" if retrain else cc.init
+    init_kept = init_from_stack(model, stack_lora(stack), NEW) if init == "stack" else None
+    if init_kept is not None:
+        err.print(
+            f"[dim]started from the stack cut to rank {model.peft_config[NEW].r}: {100 * init_kept:.1f}% of it kept[/dim]"
+        )
     t_model, t_tok, _ = load_teacher(cfg, s_tok)
     teacher_model = t_model if t_model is not None else model
     t_engine, s_engine = engines_for(cfg, h, model, s_tok, t_model, t_tok, lora_capacity(cfg, len(stack) - 1))
@@ -195,7 +204,9 @@ def _run(
     flat = [e for es in examples.values() for e in es]
     # every memory as likely as any other in a batch, whatever its number of examples
     batches = NightBatches([], examples, 1.0, tr.batch_size)
-    steps = max(tr.max_steps, min(cc.max_steps, math.ceil(cc.steps_per_memory * len(held))))
+    steps = min(cc.max_steps, math.ceil(cc.steps_per_memory * len(held)))
+    if init == "zero":  # a fresh adapter needs at least a night's budget
+        steps = max(tr.max_steps, steps)
     anchor = AnchorText(s_tok, cfg) if cfg.anchor.kl_coef > 0 else None
 
     # the gate's reference: the stack this adapter replaces, measured before training (saved for a resume)
@@ -218,7 +229,8 @@ def _run(
         before_path.write_text(json.dumps(before))
         del ref
 
-    opt, sched = make_optimizer(model, cfg.optim, steps)
+    optim = cfg.optim if cc.lr is None else cfg.optim.model_copy(update={"lr": cc.lr})
+    opt, sched = make_optimizer(model, optim, steps)
     start = 0
     ckpt = latest_checkpoint(rf)
     if ckpt is not None:
@@ -271,6 +283,9 @@ def _run(
         worse.append(f"general perplexity {before['ppl']:.2f} -> {after['ppl']:.2f}")
     metrics = {
         "steps": steps,
+        "init": init,
+        "init_kept": init_kept,
+        "rank": model.peft_config[NEW].r,
         "memories": len(held),
         "examples": len(flat),
         "replaces": [a.version for a in stack],
@@ -312,6 +327,7 @@ def _run(
         replaced=[x.version for x in stack],
         memories=len(held),
         steps=steps,
+        init_kept=init_kept,
         before=before,
         after=after,
         worse=worse,
@@ -325,6 +341,12 @@ def _run(
         why = "; ".join(worse) or "the current adapter changed while it trained"
         res.message = f"adapter v{a.version} kept but not made current ({why}); {vs} stays current"
     return res
+
+
+def consolidated_lora(cfg: Recipe) -> Lora:
+    """The consolidated adapter's LoRA: `consolidate.rank`, at the scale (alpha / r) of the recipe's nights."""
+    r = cfg.consolidate.rank or cfg.lora.r
+    return cfg.lora.model_copy(update={"r": r, "alpha": max(1, round(cfg.lora.alpha * r / cfg.lora.r))})
 
 
 def _night_groups(stack: list[Adapter], probes: list[Probe]) -> dict[str, list[Probe]]:

@@ -145,7 +145,8 @@ def lora_capacity(cfg, frozen: int) -> int:
     training, or the newest of a stack served whole), and room for a few nights' growth and one refused
     consolidation (the stack then passes `max_adapters` by one), so the engine is not restarted as the
     stack deepens: on the H100 such a restart cost a night about 50 s."""
-    return cfg.lora.r * (max(frozen, min(cfg.consolidate.max_adapters, 3) + 1) + 1)
+    consolidated = max(0, (cfg.consolidate.rank or cfg.lora.r) - cfg.lora.r)  # a wider adapter at the stack's root
+    return cfg.lora.r * (max(frozen, min(cfg.consolidate.max_adapters, 3) + 1) + 1) + consolidated
 
 
 def rollout_engine(cfg, model, tok, model_dir, lora_rank: int | None, home=None, teacher: bool = False):

@@ -142,7 +142,15 @@ class Consolidate(Strict):
         4, ge=1, le=64, description="consolidate when the current stack holds more adapters than this"
     )
     auto: bool = Field(True, description="dream consolidates on its own when the stack has grown past max_adapters")
-    steps_per_memory: float = Field(4.0, gt=0.0, description="optimizer steps per memory (at least training.max_steps)")
+    init: Literal["stack", "zero"] = Field(
+        "stack",
+        description="start the new adapter at the stack cut to its rank (stack), or from a fresh LoRA (zero)",
+    )
+    rank: int | None = Field(None, ge=1, le=1024, description="the consolidated adapter's rank; default lora.r")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="learning rate of consolidation; default optim.lr")
+    steps_per_memory: float = Field(
+        4.0, gt=0.0, description="optimizer steps per memory (from a fresh LoRA, at least training.max_steps)"
+    )
     max_steps: int = Field(2000, ge=1)
     recall_tolerance: float = Field(
         0.05,

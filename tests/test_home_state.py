@@ -503,6 +503,7 @@ def test_forget_retrain_consolidates_the_rest_into_a_current_adapter(seeded, tmp
         v1 = st.current_adapter_id()
     res = forget([victim.id], home=home, retrain=True, recipe=str(seeded[1]), show_progress=False)
     assert res.exit_code == 0 and res.retrain["made_current"] and not res.current_holds_forgotten
+    assert res.retrain["init_kept"] is None  # a stack that knows the forgotten memory is never a starting point
     with open_store(home) as st:
         cur = st.adapter(st.current_adapter_id())
         assert cur.kind == "consolidate" and cur.replaces == v1 and cur.parent_id is None

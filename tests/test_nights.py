@@ -179,6 +179,7 @@ def test_consolidation_replaces_the_stack_and_rollback_and_prune(home, tmp_path,
     assert r.returncode in (0, 3), r.stderr.decode()[-2000:]
     res = json.loads(r.stdout)
     assert res["memories"] == 7 and res["replaced"] == [1, 2, 3] and res["steps"] == 6
+    assert 0.0 < res["init_kept"] <= 1.0  # it started from the stack (three rank-4 adapters cut to rank 4)
     assert set(res["before"]["recall"]) == set(res["after"]["recall"]) == {"v1", "v2", "v3"}
     with open_store(home) as st:
         c = st.adapter(res["adapter_id"])
@@ -386,3 +387,70 @@ def test_a_non_finite_step_is_skipped_by_the_one_loop(tiny_dir):
     assert any(not torch.equal(x, y) for x, y in zip(before[1], before[0]))  # step 0 moved the adapter
     assert all(torch.equal(x, y) for x, y in zip(before[2], before[1]))  # step 1 (NaN) did not
     assert all(torch.isfinite(p).all() for p in after_skip)
+
+
+def _random_stack(model, ranks: list[int], seed: int = 0):
+    """LoRA tensors for every linear of a tiny model, as concat_loras gives a stack of adapters of `ranks`."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for r in ranks:
+        t = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "down_proj"):
+                pre = "base_model.model." + name
+                t[pre + ".lora_A.weight"] = torch.randn(r, mod.in_features, generator=g) * 0.2
+                t[pre + ".lora_B.weight"] = torch.randn(mod.out_features, r, generator=g) * 0.2
+        parts.append((t, {"r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj", "down_proj"]}))
+    return concat_loras(parts)
+
+
+@pytest.mark.parametrize("rank", [8, 2])
+def test_consolidation_starts_from_the_stack_cut_to_its_rank(tiny_dir, rank):
+    """Rank >= the stack's: the new adapter alone computes what the stack computes. Smaller: each module's delta
+    is the best approximation of that rank (Eckart-Young), and the share kept says how much was cut."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from sleepctl.adapters import NEW, STACK, init_from_stack
+    from sleepctl.recipe import Lora
+    from sleepctl.training import add_lora
+
+    model, _ = load_model(str(tiny_dir), "cpu", "float32")
+    state = _random_stack(model, [3, 3])
+    ref = get_peft_model(
+        model, LoraConfig(r=6, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name=STACK
+    )
+    set_peft_model_state_dict(ref, state[0], adapter_name=STACK)
+    ids = torch.tensor([[5, 17, 300, 9, 44, 12]])
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        with ref.disable_adapter():
+            plain = ref(input_ids=ids).logits
+
+    fresh, _ = load_model(str(tiny_dir), "cpu", "float32")
+    new = add_lora(fresh, Lora(r=rank, alpha=3 * rank, target_modules=["q_proj", "v_proj", "down_proj"]))
+    kept = init_from_stack(new, state, NEW)
+    with torch.no_grad():
+        got = new(input_ids=ids).logits
+    assert (want - plain).abs().max() > 0.05
+    if rank >= 6:
+        assert kept == pytest.approx(1.0, abs=1e-6)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    else:
+        assert 0.0 < kept < 0.9
+        assert not torch.allclose(got, want, atol=1e-3)
+    lost = total = 0.0
+    for name, mod in new.named_modules():
+        if isinstance(getattr(mod, "lora_A", None), torch.nn.ModuleDict) and NEW in mod.lora_A:
+            a, b = state[0][name + ".lora_A.weight"], state[0][name + ".lora_B.weight"]
+            full = b @ a
+            sv = torch.linalg.svdvals(full.double())
+            best = sv[rank:].square().sum().sqrt()  # Frobenius error of the best rank-`rank` matrix
+            mine = (mod.scaling[NEW] * mod.lora_B[NEW].weight @ mod.lora_A[NEW].weight).detach()
+            assert float((full - mine).norm()) == pytest.approx(float(best), rel=1e-3, abs=1e-4)
+            lost += float(sv[rank:].square().sum())
+            total += float(sv.square().sum())
+    assert kept == pytest.approx(1 - lost / total, rel=1e-6)
+    # the cut adapter still trains: gradients reach both factors
+    new(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in new.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
