@@ -216,6 +216,12 @@ class VLLM(Strict):
     logprob_tolerance: float = Field(
         0.05, gt=0.0, description="mean |vLLM - trainer| log-prob (nats/token) the start-up check allows"
     )
+    logprob_rel_tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.5,
+        description="and this share of how far the adapter moves log-probs (rounding grows with a deep stack)",
+    )
     check_sequences: int = Field(4, ge=1, le=64, description="sequences scored by the start-up check")
 
 

@@ -387,7 +387,13 @@ def vllm_check(s_engine, model, s_tok, examples: list[Example], cfg: Recipe) -> 
         for e in examples[: cfg.vllm.check_sequences]
     ]
     check = check_logprobs(
-        s_engine, model, seqs, s_tok.pad_token_id, cfg.vllm.logprob_tolerance, seed=cfg.training.seed
+        s_engine,
+        model,
+        seqs,
+        s_tok.pad_token_id,
+        cfg.vllm.logprob_tolerance,
+        seed=cfg.training.seed,
+        rel_tolerance=cfg.vllm.logprob_rel_tolerance,
     )
     err.print(
         f"[dim]vLLM log-probs match the trainer's: mean |Δ| {check['mean_abs_diff']:.4f}, max "

@@ -191,3 +191,36 @@ def test_seed_with_vllm_engine_fails_fast_and_stores_nothing(tmp_path, tiny_dir)
         assert "sleepctl[vllm]" in err  # the install command survives the terminal markup
     assert cli("status", "--home", str(home), "--json").stdout == before  # nothing stored changed
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+class OffByShare:
+    """Answers the trainer's log-probs moved `share` of the way back towards the base's: a LoRA path that
+    rounds (small share) or one that drops the adapter (share 1)."""
+
+    def __init__(self, model, pad, share):
+        self.model, self.pad, self.share, self.version = model, pad, share, None
+
+    def sync(self, model, version):
+        self.version = version
+
+    def prompt_logprobs(self, seqs):
+        ours = trainer_logprobs(self.model, seqs, self.pad)
+        with self.model.disable_adapter():
+            base = trainer_logprobs(self.model, seqs, self.pad)
+        return [[o - self.share * (o - b) for o, b in zip(x, y)] for x, y in zip(ours, base)]
+
+
+def test_logprob_check_allows_rounding_that_grows_with_the_adapter_but_not_a_dropped_adapter(tiny_dir):
+    """Allowed: tolerance + rel_tolerance x the adapter's effect. 3% of the effect passes at 5%, fails at 0;
+    an engine that serves the base (100% of the effect) fails however deep the stack."""
+    base, tok = load_model(str(tiny_dir), "cpu", "float32")
+    model = add_lora(base, Lora(r=4, alpha=8))
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    rep = check_logprobs(OffByShare(model, tok.pad_token_id, 0.03), model, seqs, tok.pad_token_id, 1e-4, 0, 0.05)
+    assert rep["mean_abs_diff"] == pytest.approx(0.03 * rep["lora_effect"], rel=1e-3)
+    assert rep["allowed"] == pytest.approx(1e-4 + 0.05 * rep["lora_effect"])
+    with pytest.raises(ModelError, match=r"allowed 0\.000"):
+        check_logprobs(OffByShare(model, tok.pad_token_id, 0.03), model, seqs, tok.pad_token_id, 1e-4, 0, 0.0)
+    with pytest.raises(ModelError, match="x the adapter's effect"):
+        check_logprobs(OffByShare(model, tok.pad_token_id, 1.0), model, seqs, tok.pad_token_id, 1e-4, 0, 0.5)
+    assert all(float(p.abs().max()) == 0 for n, p in model.named_parameters() if "lora_B" in n)  # restored
