@@ -161,6 +161,7 @@ def run_config(run: dict, nights: list[list[dict]], args, overrides: dict, work:
                     "worse": c.worse,
                     "steps": c.steps,
                     "init_kept": c.init_kept,
+                    "phases_s": c.phases_s,
                     "before": c.before,
                     "after": c.after,
                 },

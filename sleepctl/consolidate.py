@@ -71,6 +71,7 @@ class ConsolidateResult(BaseModel):
     memories: int = 0
     steps: int = 0
     init_kept: float | None = None  # share of the stack the new adapter started from (None: a fresh LoRA)
+    phases_s: dict[str, float] = {}  # load and init, engines, data, the gate before, check, train, the gate after
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
     worse: list[str] = []
@@ -155,6 +156,14 @@ def _run(
     related = link(held, held, cfg.replay.max_related)
     touched = {o.id for n in held for o in related.get(n.id, []) if (o.created_at, o.id) < (n.created_at, n.id)}
 
+    phases: dict[str, float] = {}  # where a consolidation's minutes go, saved with it
+    mark = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        phases[name] = phases.get(name, 0.0) + time.time() - mark
+        mark = time.time()
+
     seed_everything(tr.seed)
     base, s_tok = load_model(student_name, tr.device, cfg.dtype(cfg.student))
     # a new adapter on the plain base; the stack rides along inactive, as the optional extra teacher
@@ -173,8 +182,10 @@ def _run(
         )
     t_model, t_tok, _ = load_teacher(cfg, s_tok)
     teacher_model = t_model if t_model is not None else model
+    lap("init")
     t_engine, s_engine = engines_for(cfg, h, model, s_tok, t_model, t_tok, lora_capacity(cfg, len(stack) - 1))
     s_engine.frozen = None
+    lap("engines")
 
     # Teacher data: what the home holds; memories without any (an older home) get it written now.
     data_path = rf.path / "data.json"
@@ -200,6 +211,7 @@ def _run(
             for e in fresh:
                 examples.setdefault(e.trace_id, []).append(e)
         data_path.write_text(json.dumps({k: [e.__dict__ for e in v] for k, v in examples.items()}))
+    lap("data")
     contexts = {t.id: context(t, related) for t in held}
     flat = [e for es in examples.values() for e in es]
     # every memory as likely as any other in a batch, whatever its number of examples
@@ -228,6 +240,7 @@ def _run(
         before["kl_drift"] = kl_drift(ref, s_tok, cfg)
         before_path.write_text(json.dumps(before))
         del ref
+    lap("gate_before")
 
     optim = cfg.optim if cc.lr is None else cfg.optim.model_copy(update={"lr": cc.lr})
     opt, sched = make_optimizer(model, optim, steps)
@@ -252,6 +265,7 @@ def _run(
         max_steps=steps,
         extra_teacher=(lambda: active(model, [STACK]), cc.stack_kl_coef) if cc.stack_kl_coef > 0 else None,
     )
+    lap("check")
     loop = train(
         model,
         batches,
@@ -267,6 +281,7 @@ def _run(
         label="consolidate",
         show_progress=show,
     )
+    lap("train")
     if cfg.engine == "vllm":
         s_engine.frozen = None
         s_engine.sync(model, version=steps)
@@ -281,6 +296,7 @@ def _run(
     ]
     if after["ppl"] > before["ppl"] * (1 + cc.ppl_tolerance):
         worse.append(f"general perplexity {before['ppl']:.2f} -> {after['ppl']:.2f}")
+    lap("gate_after")
     metrics = {
         "steps": steps,
         "init": init,
@@ -296,6 +312,7 @@ def _run(
         "kl_drift": after["kl_drift"],
         "engine": engine_info,
         "wall_s": time.time() - t0,
+        "phases_s": phases,
         "peak_memory_mb": peak_memory_mb(next(model.parameters()).device),
     }
     a = publish_adapter(
@@ -328,6 +345,7 @@ def _run(
         memories=len(held),
         steps=steps,
         init_kept=init_kept,
+        phases_s=phases,
         before=before,
         after=after,
         worse=worse,

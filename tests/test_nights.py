@@ -180,6 +180,7 @@ def test_consolidation_replaces_the_stack_and_rollback_and_prune(home, tmp_path,
     res = json.loads(r.stdout)
     assert res["memories"] == 7 and res["replaced"] == [1, 2, 3] and res["steps"] == 6
     assert 0.0 < res["init_kept"] <= 1.0  # it started from the stack (three rank-4 adapters cut to rank 4)
+    assert {"init", "engines", "data", "gate_before", "check", "train", "gate_after"} == set(res["phases_s"])
     assert set(res["before"]["recall"]) == set(res["after"]["recall"]) == {"v1", "v2", "v3"}
     with open_store(home) as st:
         c = st.adapter(res["adapter_id"])
