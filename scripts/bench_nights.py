@@ -252,11 +252,15 @@ def _kept(r: dict) -> float | None:
 
 
 def summarise(results: list[dict]) -> dict:
-    """Mean and spread over training seeds of each configuration's headline figures (after the last night)."""
+    """Mean and spread over training seeds of each configuration's headline figures, after the last night that
+    all its runs reached (a run stopped early by --max-minutes shortens the summary, never mixes nights)."""
     out: dict = {}
     for name in dict.fromkeys(r["config"] for r in results):
-        runs = [r for r in results if r["config"] == name]
+        full = [r for r in results if r["config"] == name]
+        last = min(len(r["nights"]) for r in full)
+        runs = [{**r, "nights": r["nights"][:last]} for r in full]
         out[name] = {
+            "after_night": last,
             "night1_after_night1": _stat(runs, lambda r: r["nights"][0]["recall"].get(1)),
             "night1_after_last": _stat(runs, lambda r: r["nights"][-1]["recall"].get(1)),
             "night1_kept": _stat(runs, _kept),
@@ -284,12 +288,20 @@ def plot(results: list[dict], n: int, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         runs = [r for r in results if r["config"] == name]
-        for j in range(1, n + 1):
-            xs = list(range(j, n + 1))
-            ys = [statistics.mean(100 * r["nights"][k - 1]["recall"].get(j, 0.0) for r in runs) for k in xs]
+        reached = max(len(r["nights"]) for r in runs)  # each point: the mean over the runs that got there
+        for j in range(1, reached + 1):
+            xs = list(range(j, reached + 1))
+            ys = [
+                statistics.mean(100 * r["nights"][k - 1]["recall"].get(j, 0.0) for r in runs if len(r["nights"]) >= k)
+                for k in xs
+            ]
             ax.plot(xs, ys, "o-", label=f"night {j}")
         upd = [
-            [100 * r["nights"][k - 1]["update_latest"] for r in runs if r["nights"][k - 1]["update_latest"] is not None]
+            [
+                100 * r["nights"][k - 1]["update_latest"]
+                for r in runs
+                if len(r["nights"]) >= k and r["nights"][k - 1]["update_latest"] is not None
+            ]
             for k in range(1, n + 1)
         ]
         ax.plot(
@@ -330,6 +342,7 @@ def print_tables(results: list[dict], summary: dict, n: int, title: str) -> None
     t = Table(title=title)
     for c in (
         "config",
+        "nights",
         "night 1: after 1",
         "after last",
         "kept",
@@ -352,6 +365,7 @@ def print_tables(results: list[dict], summary: dict, n: int, title: str) -> None
     for name, s in summary.items():
         t.add_row(
             name,
+            str(s.get("after_night", n)),
             f(s["night1_after_night1"]),
             f(s["night1_after_last"]),
             f(s["night1_kept"]),
@@ -473,6 +487,12 @@ def main() -> None:
             "dream": args.dream,
             "runs": [],
         }
+    if result["recipe"] != args.recipe:
+        raise SystemExit(f"--resume: {path} ran recipe {result['recipe']!r}, not {args.recipe!r}")
+    changed = {k: v for k, v in overrides.items() if result["overrides"].get(k) != v}
+    changed |= {k: None for k in result["overrides"] if k not in overrides}
+    if changed:
+        Console(stderr=True).print(f"[yellow]resumed with other settings, recorded on each night from now: {changed}")
     t0 = time.time()
     deadline = t0 + 60 * args.max_minutes if args.max_minutes else float("inf")
 
@@ -490,7 +510,13 @@ def main() -> None:
                 if run is None:
                     run = {"config": c, "seed": s, "nights": []}
                     result["runs"].append(run)
-                if not run_config(run, nights, args, overrides, work, save, deadline):
+                before = len(run["nights"])
+                ok = run_config(run, nights, args, overrides, work, save, deadline)
+                if changed:  # a resumed night says what it ran under, where that differs from the start
+                    for row in run["nights"][before:]:
+                        row["overrides_changed"] = changed
+                    save()
+                if not ok:
                     finished = False
                     break
             if not finished:

@@ -115,13 +115,20 @@ def test_bench_nights_retention_matrix_and_plot(tmp_path, tiny_dir):
         consolidate={"max_adapters": 1, "steps_per_memory": 1.0, "max_steps": 4},
     )
     out = tmp_path / "out"
-    r = script(
-        "bench_nights.py",
+    args = (
         *("--recipe", str(recipe), "--nights-dir", str(nights), "--nights", "2", "--configs", "stack,full"),
         *("--out", str(out), "--name", "t"),
     )
+    cut = script("bench_nights.py", *args, "--max-minutes", "0.00001")  # out of time before the first night
+    assert cut.returncode == 0 and b"continue with the same command and --resume" in cut.stderr
+    assert json.loads((out / "t" / "results.json").read_text())["runs"][0]["nights"] == []
+    wrong = script("bench_nights.py", *args[2:], "--recipe", "quick-cpu", "--resume")
+    assert wrong.returncode != 0 and b"ran recipe" in wrong.stderr
+    r = script("bench_nights.py", *args, "--resume", "--set", "eval.max_new_tokens=16")
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     res = json.loads((out / "t" / "results.json").read_text())
+    # the settings a resumed night ran under, where they differ from those the results began with
+    assert all(row["overrides_changed"] == {"eval.max_new_tokens": 16} for x in res["runs"] for row in x["nights"])
     assert [x["config"] for x in res["runs"]] == ["stack", "full"]
     for run in res["runs"]:
         rows = run["nights"]
@@ -159,6 +166,22 @@ def test_bench_nights_merges_runs_made_apart(tmp_path):
     assert [x["seed"] for x in res["runs"]] == [0, 1] and (out / "m" / "retention.png").stat().st_size > 1000
     assert "merged from 2 runs" in r.stdout.decode()
 
+    # a run stopped early (--max-minutes): the summary is taken after the last night both reached
+    short = json.loads((tmp_path / "s1" / "results.json").read_text())
+    short["runs"][0]["nights"] = short["runs"][0]["nights"][:3]
+    short["runs"][0]["seed"] = 2
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "results.json").write_text(json.dumps(short))
+    r = script(
+        "bench_nights.py", "--merge", *(str(tmp_path / f"s{i}") for i in (0, 2)), "--out", str(out), "--name", "c"
+    )
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    summ = json.loads((out / "c" / "results.json").read_text())["summary"]["full"]
+    night3 = real["runs"][0]["nights"][2]
+    assert summ["after_night"] == 3 and summ["night1_after_last"]["sd"] == 0.0
+    assert summ["night1_after_last"]["mean"] == night3["recall"]["1"] and summ["night_wall_max_s"]["n"] == 2
+    assert (out / "c" / "retention.png").stat().st_size > 1000
+
     dup = script("bench_nights.py", "--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(out))
     assert dup.returncode != 0 and b"full seed 0 is already in an earlier file" in dup.stderr
     other = json.loads((tmp_path / "s1" / "results.json").read_text()) | {"overrides": {"engine": "hf"}}
@@ -169,4 +192,4 @@ def test_bench_nights_merges_runs_made_apart(tmp_path):
     assert missing.returncode != 0 and b"not a bench_nights results.json" in missing.stderr
     neg = script("bench_nights.py", "--first-seed", "-1", "--out", str(out))
     assert neg.returncode == 2 and b"--first-seed at least 0" in neg.stderr
-    assert [p.name for p in out.iterdir()] == ["m"]  # refused before any folder was made
+    assert sorted(p.name for p in out.iterdir()) == ["c", "m"]  # refused before any folder was made
