@@ -691,7 +691,13 @@ def eval_cmd(
         emit(rows, as_json, human)
         return
     r = evaluate(
-        target, home=home, recipe=recipe, student=student, baselines=baselines, overrides=parse_overrides(overrides)
+        target,
+        home=home,
+        recipe=recipe,
+        student=student,
+        baselines=baselines,
+        overrides=parse_overrides(overrides),
+        show_progress=True,  # stderr: --json output on stdout stays clean
     )
     emit(r, as_json, lambda r: print_report(r, per_memory))
 

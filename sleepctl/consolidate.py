@@ -132,6 +132,15 @@ def consolidate_locked(
             status="nothing",
             message=f"no consolidation needed: the stack holds {len(stack)} adapters (consolidate.max_adapters {limit})",
         )
+    refused = _recent_refusal(st, stack, cfg.consolidate.retry_after) if if_needed else None
+    if refused is not None:
+        return ConsolidateResult(
+            status="nothing",
+            message=f"no consolidation tonight: v{refused.version}, made from this stack "
+            f"{len(stack) - 1 - [a.id for a in stack].index(refused.replaces)} night(s) ago, was refused by its gate "
+            f"({'; '.join(refused.metrics['worse'])}); the next try comes once the stack has grown by "
+            f"consolidate.retry_after ({cfg.consolidate.retry_after}) adapters, or now with `sleepctl consolidate`",
+        )
     student_name = stack[-1].base_model
     check_stack(stack, student_name)
     held = st.traces(status="consolidated")
@@ -359,6 +368,18 @@ def _run(
         why = "; ".join(worse) or "the current adapter changed while it trained"
         res.message = f"adapter v{a.version} kept but not made current ({why}); {vs} stays current"
     return res
+
+
+def _recent_refusal(st: Store, stack: list[Adapter], retry_after: int) -> Adapter | None:
+    """The gate's latest refusal of a consolidation of this stack (or of a part of it), when the stack has grown
+    by fewer than `retry_after` adapters since: retrying sooner would most likely pay the same minutes again
+    for the same answer. A consolidation made current and rolled back by hand does not count."""
+    depth = {a.id: i for i, a in enumerate(stack)}
+    refused = [a for a in st.adapters() if a.kind == "consolidate" and a.replaces in depth and a.metrics.get("worse")]
+    if not refused:
+        return None
+    last = max(refused, key=lambda a: (depth[a.replaces], a.version))
+    return last if len(stack) - 1 - depth[last.replaces] < retry_after else None
 
 
 def consolidated_lora(cfg: Recipe) -> Lora:

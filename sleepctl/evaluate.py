@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 from pydantic import BaseModel
+from rich.console import Console
 
 from .adapters import attach_stack, lineage, stack_lora
 from .anchor import kl_drift
@@ -222,10 +223,16 @@ def evaluate(
     overrides: dict | None = None,
     keep_outputs: bool = True,
     keep_engines: bool = False,
+    show_progress: bool = False,
 ) -> EvalReport:
     """Evaluate an adapter (default: the current one). `keep_engines`: leave a vLLM engine running for the
-    next job of this process."""
+    next job of this process. `show_progress`: say on stderr what it is doing (on a CPU, minutes)."""
     t0 = time.time()
+
+    def step(what: str) -> None:
+        if show_progress:
+            Console(stderr=True).print(f"[dim]eval {time.time() - t0:5.0f} s: {what}[/dim]", highlight=False)
+
     h = open_home(home)
     st = Store(h.db_path, readonly=True)  # eval writes its report beside the run, never the store
     try:
@@ -267,15 +274,19 @@ def evaluate(
         ppl: dict[str, float] = {}
         baseline: dict[str, Any] = {}
 
+        step(f"loading {student_name}")
         model, tok = load_model(student_name, cfg.training.device, cfg.dtype(cfg.student))
         eng = inference_engine(cfg, model, tok, lora_capacity(cfg, max(len(stack) - 1, 0)))
         if eng is not None:
             eng.serve(None)
         all_p = p_new + p_old
+        step(f"base model, closed-book: {len(all_p)} held-out probes")
         outs = answer(model, tok, all_p, cfg, engine=eng)
         methods += _split_score("base", p_new, p_old, outs, cfg)
+        step(f"base model, memories in context: {len(all_p)} probes")
         outs = answer(model, tok, all_p, cfg, memories=mem, engine=eng)
         methods += _split_score("in-context", p_new, p_old, outs, cfg)
+        step(f"base model, perplexity on {len(texts)} paragraphs")
         ppl["base"] = perplexity(model, tok, texts)
 
         drift = None
@@ -283,18 +294,22 @@ def evaluate(
             model = attach_stack(model, stack)
             if eng is not None:
                 eng.serve(stack_lora(stack), key=f"stack:{a.id}")
+            step(f"adapter v{a.version} ({len(stack)} in its stack), closed-book: {len(all_p)} probes")
             outs = answer(model, tok, all_p, cfg, engine=eng)
             methods += _split_score("sleep", p_new, p_old, outs, cfg)
+            step(f"adapter v{a.version}, perplexity and KL drift")
             ppl["sleep"] = perplexity(model, tok, texts)
             drift = kl_drift(model, tok, cfg)
             del model
             if baselines:
+                step("naive SFT baseline at the same budget: training")
                 sft_model, tok = load_model(student_name, cfg.training.device, cfg.dtype(cfg.student))
                 from .sft import train_sft
 
                 sft_model, info = train_sft(
                     sft_model, tok, [traces[i] for i in a.trace_ids], cfg, cfg.training.seed, stack=stack[:-1]
                 )
+                step(f"naive SFT baseline: {len(p_new)} probes and perplexity")
                 outs = answer(sft_model, tok, p_new, cfg)
                 methods += _split_score("naive-sft", p_new, [], outs, cfg)
                 ppl["naive-sft"] = perplexity(sft_model, tok, texts)

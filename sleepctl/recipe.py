@@ -159,6 +159,12 @@ class Consolidate(Strict):
         description="held-out recall (absolute) any earlier night may lose before the gate refuses",
     )
     ppl_tolerance: float = Field(0.02, ge=0.0, description="relative general-perplexity rise the gate accepts")
+    retry_after: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="after the gate refused one, --if-needed waits until the stack has grown by this many adapters",
+    )
     stack_kl_coef: float = Field(
         0.0, ge=0.0, description="weight of the current stack (closed-book) as an extra teacher of the same answers"
     )

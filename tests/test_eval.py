@@ -100,3 +100,8 @@ def test_cli_eval_table(home, seeded):
     text = r.stdout.decode()
     for word in ("base", "in-context", "sleep", "contains", "ppl change", "per memory", "ref:"):
         assert word in text
+    # minutes on a CPU are not silent: each phase is announced on stderr, never in the table on stdout
+    err = r.stderr.decode()
+    for phase in ("closed-book", "memories in context", "perplexity on 2 paragraphs", "adapter v1 (1 in its stack)"):
+        assert phase in err, err
+    assert "eval " not in text

@@ -455,3 +455,43 @@ def test_consolidation_starts_from_the_stack_cut_to_its_rank(tiny_dir, rank):
     new(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in new.named_parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_a_refused_consolidation_waits_for_the_stack_to_grow(home, tmp_path, recipe, small_memories, monkeypatch):
+    """--if-needed after a refusal: no retry on the same stack (same minutes, same answer) nor, by default, one
+    night later; an explicit `consolidate`, or consolidate.retry_after nights, tries again."""
+    import sleepctl.consolidate as cons
+
+    lines = EXAMPLES.read_text().splitlines()
+    record([small_memories], home=home)
+    for i, chunk in enumerate((lines[3:5], lines[5:6])):
+        seed(str(recipe), home=home, show_progress=False)
+        record([_lines(tmp_path, f"n{i}.jsonl", chunk)], home=home)
+    seed(str(recipe), home=home, show_progress=False)
+    real, calls = cons._gate, []
+
+    def gate_that_refuses(model, *a, **kw):  # the second call measures the new adapter: make it worse
+        out = real(model, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            out["recall"] = {g: -1.0 for g in out["recall"]}
+        return out
+
+    monkeypatch.setattr(cons, "_gate", gate_that_refuses)
+    first = consolidate(str(recipe), home=home, if_needed=True, show_progress=False)
+    assert first.status == "not-current" and first.exit_code == 3 and first.worse
+    monkeypatch.setattr(cons, "_gate", real)
+    again = consolidate(str(recipe), home=home, if_needed=True, show_progress=False)
+    assert again.status == "nothing" and again.exit_code == 0
+    assert f"v{first.adapter_version}, made from this stack 0 night(s) ago, was refused" in again.message
+    with open_store(home) as st:
+        assert len(st.runs("consolidate")) == 1  # nothing was trained the second time
+    record([_lines(tmp_path, "n3.jsonl", lines[6:7])], home=home)
+    seed(str(recipe), home=home, show_progress=False)  # the stack grows by one
+    with open_store(home) as st:
+        stack = lineage(st, st.current_adapter_id())
+        assert len(stack) == 4
+        assert cons._recent_refusal(st, stack, 2).id == first.adapter_id  # default: one more night to wait
+        assert cons._recent_refusal(st, stack, 1) is None  # retry_after 1: tonight it tries again
+    r = cli("consolidate", "--recipe", str(recipe), "--home", str(home), "--if-needed")
+    assert r.returncode == 0 and b"1 night(s) ago" in r.stdout and b"sleepctl consolidate" in r.stdout
