@@ -104,4 +104,4 @@ def test_cli_eval_table(home, seeded):
     err = r.stderr.decode()
     for phase in ("closed-book", "memories in context", "perplexity on 2 paragraphs", "adapter v1 (1 in its stack)"):
         assert phase in err, err
-    assert "eval " not in text
+    assert "closed-book:" not in text
