@@ -182,22 +182,24 @@ def list_cmd(
     traces = list_memories(home, status, since)
 
     def human(ts) -> None:
-        t = Table(title=f"{len(ts)} memories")  # every cell below is plain text: memories are not markup
+        t = Table(title=f"{len(ts)} memories", expand=True)  # every cell below is plain text, not markup
         for c in ("id", "kind", "status", "created", "tags", "text"):
+            # one line per memory: the id whole (it is what `show` takes), the text cut with an ellipsis
             t.add_column(
                 c,
-                overflow="fold" if c == "text" else "ellipsis",
-                no_wrap=c != "text",
-                min_width=20 if c == "id" else None,
+                overflow="ellipsis",
+                no_wrap=True,
+                min_width={"id": 20, "text": 16}.get(c),
+                ratio=1 if c == "text" else None,  # the text takes what the other columns leave
             )
         for x in ts:
             t.add_row(
                 plain(x.id),
                 plain(x.kind),
                 plain(x.status + (f" ({x.adapter_id})" if x.adapter_id else "")),
-                plain(x.created_at[:19]),
+                plain(x.created_at[:16].replace("T", " ")),
                 plain(",".join(x.tags)),
-                plain(x.text[:80].replace("\n", " ")),
+                plain(x.text[:120].replace("\n", " ")),
             )
         out.print(t)
 

@@ -39,3 +39,19 @@ def test_list_since(tmp_path):
     r = cli("list", "--home", home, "--since", "yesterdy")
     lines = [x for x in r.stderr.decode().splitlines() if x.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "--since 'yesterdy' is not a date" in lines[0]
+
+
+def test_list_is_one_line_per_memory_with_whole_ids_in_80_columns(tmp_path):
+    """Ids are what `show` and `forget` take: never cut; a long memory is cut with an ellipsis instead of
+    folding into a column of three-letter lines."""
+    home = str(tmp_path / "h")
+    long = "Orla Brennick moved the Kestrel build server from Dublin to Tallinn last Tuesday, " * 4
+    for text in (long, "The offsite moved to Lisbon."):
+        assert cli("record", "--text", text, "--tag", "infra", "--home", home).returncode == 0
+    ids = [m["id"] for m in cli_json("list", "--home", home)]
+    r = cli("list", "--home", home, env={"COLUMNS": "80"})
+    rows = [x for x in r.stdout.decode().splitlines() if x.startswith("│")]
+    assert r.returncode == 0 and len(rows) == 2 and all(len(x) <= 80 for x in rows)
+    for i in ids:
+        assert sum(i in x for x in rows) == 1
+    assert any("Orla" in x and "…" in x for x in rows)  # the text is there, cut, on its row
