@@ -8,6 +8,11 @@
     for s in 0 1; do python scripts/bench_nights.py ... --first-seed $s --name seed$s \\
         --set vllm.gpu_memory_utilization=0.12 --set vllm.teacher_gpu_memory_utilization=0.05 & done; wait
     python scripts/bench_nights.py --merge .bench/nights/seed0 .bench/nights/seed1 --name seeds
+    # on a machine of two GPUs (nvidia-h100-x2), one seed per GPU, each with its own vLLM compile cache:
+    for s in 0 1; do CUDA_VISIBLE_DEVICES=$s VLLM_CACHE_ROOT=/tmp/vc$s python scripts/bench_nights.py ... \
+        --first-seed $s --name seed$s & done; wait                 # then --merge as above
+    # a run cut short (--max-minutes, a crash) continues with the same command and --resume; settings that
+    # differ from the run's start are recorded on each night they applied to (overrides_changed)
 
 Memory sets: benchmarks/nights/night1.jsonl .. night5.jsonl (fictional; later nights correct earlier
 facts, some facts arrive only in tool results; benchmarks/nights/README.md). Per night and configuration:
