@@ -84,6 +84,8 @@ def test_lora_capacity_keeps_one_engine_through_a_refused_consolidation():
     # dream consolidates past 3 adapters; refused, the next night trains a fifth on a frozen four
     assert all(lora_slot(lora_capacity(cfg, frozen)) == first for frozen in range(0, 5))
     assert first >= cfg.lora.r * 5
+    # after a consolidation the stack's root is the wider consolidated adapter: root + 3 nights + 1 training
+    assert cfg.consolidate.rank > cfg.lora.r and lora_capacity(cfg, 4) >= cfg.consolidate.rank + cfg.lora.r * 4
     assert lora_capacity(cfg, 9) >= cfg.lora.r * 10  # deeper than planned for: still served, by a restart
 
 
