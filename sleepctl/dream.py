@@ -58,7 +58,7 @@ from .runs import (
     start_run,
     sweep,
 )
-from .scoring import contains_match
+from .scoring import contains_match, token_f1
 from .store import Store, now
 from .training import adapter_state, add_lora, make_optimizer
 
@@ -127,6 +127,32 @@ def restatement_pair(t: Trace) -> Pair:
     return Pair(
         prompt=f"What do you remember about {names[0]}?" if names else "What do you remember?", answer=restatement(t)
     )
+
+
+def select_dreams(
+    mine: list[dict[str, Any]], scores: dict[str, float], top_k: int, random_b: int, max_overlap: float, rng
+) -> list[dict[str, Any]]:
+    """One memory's dreams to reward: the `top_k` by gradient score, then `random_b` of the rest at random.
+
+    The diversity guard: a dream whose words overlap one already kept by more than `max_overlap` (token F1) is
+    passed over, so selection by score cannot fill a memory's places with near-copies of one phrasing (self-edits
+    chosen by reward collapse in diversity, SPA reports). Fewer are kept when too few distinct ones exist.
+    """
+    ranked = sorted(mine, key=lambda d: -scores.get(d["id"], -1.0))
+    kept: list[dict[str, Any]] = []
+
+    def take(candidates: list[dict[str, Any]], n: int) -> None:
+        for d in candidates:
+            if n <= 0:
+                return
+            if all(token_f1(d["text"], k["text"]) <= max_overlap for k in kept):
+                kept.append(d)
+                n -= 1
+
+    take(ranked, top_k)
+    rest = [d for d in ranked if d not in kept]
+    take(rng.sample(rest, len(rest)), random_b)
+    return kept
 
 
 def dream_pairs(dream: dict[str, Any], t: Trace) -> list[Pair]:
@@ -309,11 +335,13 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         if not kept:
             pick = random.Random(f"{night}:keep")
             for t in targets:
-                mine = sorted((d for d in dreams if d["trace_id"] == t.id), key=lambda d: -scores.get(d["id"], -1.0))
-                top, rest = mine[: dc.top_k], mine[dc.top_k :]
-                kept += top + pick.sample(rest, min(dc.random_b, len(rest)))
+                mine = [d for d in dreams if d["trace_id"] == t.id]
+                kept += select_dreams(mine, scores, dc.top_k, dc.random_b, dc.max_overlap, pick)
             _save(rf, "kept.json", [d["id"] for d in kept])
-        log(f"kept {len(kept)} dreams by gradient score (top {dc.top_k} + {dc.random_b} random per memory)")
+        log(
+            f"kept {len(kept)} dreams by gradient score (top {dc.top_k} + {dc.random_b} random per memory, "
+            f"none sharing more than {dc.max_overlap:.0%} of its words with another kept for the same memory)"
+        )
 
         # 3. reward on an isolated temporary copy of the adapter ---------------------------------------------
         rewards = _cached(rf, "rewards.json")

@@ -188,6 +188,9 @@ class Dream(Strict):
     max_new_tokens: int = Field(64, ge=8, le=1024)
     top_k: int = Field(2, ge=0, le=64, description="dreams kept per memory by gradient score")
     random_b: int = Field(1, ge=0, le=64, description="dreams kept per memory at random, beside the top k")
+    max_overlap: float = Field(
+        0.8, gt=0.0, le=1.0, description="a kept dream shares at most this token F1 with another of its memory"
+    )
     inner_steps: int = Field(2, ge=1, le=50, description="SFT steps of the isolated temporary LoRA per dream")
     inner_lr: float = Field(1e-3, gt=0.0, le=1.0)
     reward_margin: float = Field(0.0, ge=0.0, description="probe NLL drop (nats/token) a dream must bring")

@@ -163,3 +163,29 @@ def test_crontab_and_systemd_commands_are_valid_invocations():
         "OnCalendar=*-*-* 02:00:00" in timer
         and "SuccessExitStatus=3 4" in (root / "sleepctl-sleep.service").read_text()
     )
+
+
+def test_selection_keeps_the_best_distinct_dreams_not_near_copies():
+    """Top k by gradient score, then random ones, never two of one memory sharing more than max_overlap."""
+    import random
+
+    from sleepctl.dream import select_dreams
+
+    texts = {
+        "a": "The Kestrel build server moved to Tallinn last Tuesday.",
+        "b": "The Kestrel build server moved to Tallinn last Tuesday!",  # a near-copy of the best
+        "c": "Orla Brennick is the one who moved the Kestrel server.",
+        "d": "Since Tuesday, builds of Kestrel run in the Tallinn data centre.",
+        "e": "Orla Brennick is the one who moved the Kestrel server!",  # a near-copy of c
+    }
+    dreams = [{"id": i, "text": t} for i, t in texts.items()]
+    scores = {"a": 0.9, "b": 0.8, "c": 0.5, "d": 0.1, "e": 0.05}
+    picked = select_dreams(dreams, scores, top_k=2, random_b=1, max_overlap=0.8, rng=random.Random(0))
+    assert [d["id"] for d in picked[:2]] == ["a", "c"]  # b is a's copy: passed over for the next best
+    assert len(picked) == 3 and picked[2]["id"] == "d"  # the only distinct one left (e is c's copy)
+    # without the guard the score alone decides, copies and all
+    loose = select_dreams(dreams, scores, top_k=2, random_b=0, max_overlap=1.0, rng=random.Random(0))
+    assert [d["id"] for d in loose] == ["a", "b"]
+    # too few distinct dreams: fewer kept, none repeated
+    few = select_dreams(dreams[:2], scores, top_k=2, random_b=1, max_overlap=0.8, rng=random.Random(0))
+    assert [d["id"] for d in few] == ["a"]
