@@ -307,7 +307,13 @@ def evaluate(
                 from .sft import train_sft
 
                 sft_model, info = train_sft(
-                    sft_model, tok, [traces[i] for i in a.trace_ids], cfg, cfg.training.seed, stack=stack[:-1]
+                    sft_model,
+                    tok,
+                    [traces[i] for i in a.trace_ids],
+                    cfg,
+                    cfg.training.seed,
+                    stack=stack[:-1],
+                    steps=a.metrics.get("steps"),  # the same number of steps as the run that made the adapter
                 )
                 step(f"naive SFT baseline: {len(p_new)} probes and perplexity")
                 outs = answer(sft_model, tok, p_new, cfg)

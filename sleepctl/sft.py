@@ -27,12 +27,18 @@ def trace_ids_for_sft(tok, t: Trace, system_prompt: str, max_len: int = 1024) ->
     return list(ids)[:max_len]
 
 
-def train_sft(model, tok, traces: list[Trace], recipe: Recipe, seed: int = 0, stack: list | None = None):
-    """Returns the PEFT-wrapped model (new adapter trained over `stack`) and a small metrics dict."""
+def train_sft(
+    model, tok, traces: list[Trace], recipe: Recipe, seed: int = 0, stack: list | None = None, steps: int | None = None
+):
+    """Returns the PEFT-wrapped model (new adapter trained over `stack`) and a small metrics dict.
+
+    `steps`: the seed run's own (its adapter records them); by default what the recipe gives a night of these
+    memories, never `training.max_steps` alone, which a night under `steps_per_memory` may not reach."""
     t0 = time.time()
     tr = recipe.training
+    steps = steps or recipe.night_steps(len(traces))
     model = add_lora(model, recipe.lora, stack, fused=tr.fused_lora)
-    opt, sched = make_optimizer(model, recipe.optim, tr.max_steps)
+    opt, sched = make_optimizer(model, recipe.optim, steps)
     data = [trace_ids_for_sft(tok, t, recipe.data.system_prompt) for t in traces]
     device = next(model.parameters()).device
 
@@ -48,13 +54,11 @@ def train_sft(model, tok, traces: list[Trace], recipe: Recipe, seed: int = 0, st
         tokens[0] += int(mask.sum())
         return loss, {"train/tokens": int(mask.sum())}
 
-    res = train(
-        model, batches, objective, opt, sched, max_steps=tr.max_steps, seed=seed, grad_clip=recipe.optim.grad_clip
-    )
+    res = train(model, batches, objective, opt, sched, max_steps=steps, seed=seed, grad_clip=recipe.optim.grad_clip)
     model.eval()
     wall = time.time() - t0
     return model, {
-        "steps": tr.max_steps,
+        "steps": steps,
         "final_loss": res.last.get("loss"),
         "wall_s": wall,
         "tokens_per_second": tokens[0] / wall if wall else 0.0,

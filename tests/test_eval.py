@@ -105,3 +105,15 @@ def test_cli_eval_table(home, seeded):
     for phase in ("closed-book", "memories in context", "perplexity on 2 paragraphs", "adapter v1 (1 in its stack)"):
         assert phase in err, err
     assert "closed-book:" not in text
+
+
+def test_naive_sft_runs_the_steps_the_seed_ran(home, tmp_path, tiny_dir, small_memories):
+    """Same budget: a night under steps_per_memory stops before training.max_steps, and so must its baseline."""
+    record([small_memories], home=home)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, training={"max_steps": 12, "steps_per_memory": 0.5, "checkpoint_every": 5}
+    )
+    res = seed(str(recipe), home=home, show_progress=False)
+    assert res.steps == 10  # the floor of a night (min(10, max_steps)) above 0.5 x 3 memories
+    r = evaluate(home=home, baselines=True)
+    assert r.baseline["steps"] == res.steps and any(f"naive SFT: {res.steps} steps" in n for n in r.notes)
