@@ -4,7 +4,9 @@
     sleepctl consolidate --if-needed     # only when the stack holds more than consolidate.max_adapters (cron)
 
 Night after night the stack grows by an adapter, and so do serving cost and drift. Consolidation trains
-one new adapter on the plain base with the seed objective (objectives.py) through the one loop (loop.py):
+one new adapter on the plain base, started at the stack cut to its rank (`adapters.init_from_stack`: from a
+fresh LoRA, 150 steps lost a night's recall on the H100 and the gate refused it), with the seed objective
+(objectives.py) through the one loop (loop.py):
 the teacher sees each memory with its related ones in time order (newer facts win), the student learns
 all of them at once, from the teacher data the home already holds (generated only for memories that have
 none). Optionally the current stack is an extra teacher (`consolidate.stack_kl_coef`): it already says
