@@ -18,6 +18,7 @@ replaces (within `recall_tolerance` and `ppl_tolerance`). The old adapters stay 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -186,7 +187,8 @@ def _run(
     # it starts where the stack is (cut to its rank), so training only repairs the cut and re-balances the
     # nights; a stack that knows forgotten memories (`retrain`) is never a starting point
     init = "zero" if retrain else cc.init
-    init_kept = init_from_stack(model, stack_lora(stack), NEW) if init == "stack" else None
+    stack_state = functools.cache(lambda: stack_lora(stack))  # the stack's adapters read from disk once, if at all
+    init_kept = init_from_stack(model, stack_state(), NEW) if init == "stack" else None
     if init_kept is not None:
         err.print(
             f"[dim]started from the stack cut to rank {model.peft_config[NEW].r}: {100 * init_kept:.1f}% of it kept[/dim]"
@@ -246,7 +248,7 @@ def _run(
         ref = attach_stack(ref, stack)
         eng = inference_engine(cfg, ref, s_tok, lora_capacity(cfg, len(stack) - 1))
         if eng is not None:
-            eng.serve(stack_lora(stack), key=f"stack:{current}")
+            eng.serve(stack_state(), key=f"stack:{current}")
         before = _gate(ref, s_tok, groups, texts, cfg, eng)
         before["kl_drift"] = kl_drift(ref, s_tok, cfg)
         before_path.write_text(json.dumps(before))
