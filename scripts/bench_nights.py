@@ -8,8 +8,9 @@
     for s in 0 1; do python scripts/bench_nights.py ... --first-seed $s --name seed$s \\
         --set vllm.gpu_memory_utilization=0.12 --set vllm.teacher_gpu_memory_utilization=0.05 & done; wait
     python scripts/bench_nights.py --merge .bench/nights/seed0 .bench/nights/seed1 --name seeds
-    # on a machine of two GPUs (nvidia-h100-x2), one seed per GPU, each with its own vLLM compile cache:
-    for s in 0 1; do CUDA_VISIBLE_DEVICES=$s VLLM_CACHE_ROOT=/tmp/vc$s python scripts/bench_nights.py ... \
+    # on a machine of several GPUs, one seed per GPU, each with its own vLLM compile cache and a share of the
+    # CPU threads (side by side without OMP_NUM_THREADS, nights took twice as long on an H200 host):
+    for s in 0 1; do CUDA_VISIBLE_DEVICES=$s VLLM_CACHE_ROOT=/tmp/vc$s OMP_NUM_THREADS=8 python scripts/bench_nights.py ... \
         --first-seed $s --name seed$s & done; wait                 # then --merge as above
     # a run cut short (--max-minutes, a crash) continues with the same command and --resume; settings that
     # differ from the run's start are recorded on each night they applied to (overrides_changed)
