@@ -204,15 +204,18 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
     # the teacher answers with no adapter: a 'self' teacher is the student with its adapters off
     teacher_view = model.disable_adapter if t_model is None else nullcontext
     olds = [by_id[i] for i in touched]
+    everyone = [*held, *pending]
+    # what the teacher sees beside an earlier memory when it rewrites its answers: the newer memories that
+    # touch it among them (linked from the old memory's side; `related` only holds tonight's memories' links)
+    old_related = link(olds, everyone, cfg.replay.max_related)
     examples, refreshed, fresh_probes = _teacher_data(
-        cfg, h, st, rf, pending, olds, related, t_engine, t_tok, teacher_view
+        cfg, h, st, rf, pending, olds, related, old_related, t_engine, t_tok, teacher_view
     )
     if not (rf.path / "stored").exists():  # once per run: a resumed run does not store or re-check again
         _store_data(st, rf.run.id, examples, refreshed, fresh_probes)
         _supersede(cfg, st, pending, touched, by_id, t_engine, t_tok, teacher_view, tr.seed)
         (rf.path / "stored").touch()
     pool = _replay_pool(cfg, st, rf, model, s_tok, held, mem_ids, by_id, touched, refreshed)
-    everyone = [*held, *pending]
     contexts = {
         tid: context(by_id[tid], link([by_id[tid]], everyone, cfg.replay.max_related)) for tid in [*mem_ids, *pool]
     }
@@ -303,8 +306,9 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
     )
 
 
-def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, t_engine, t_tok, teacher_view):
-    """Tonight's examples and probes, and the rewritten answers of earlier memories tonight's correct.
+def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_related, t_engine, t_tok, teacher_view):
+    """Tonight's examples and probes, and the rewritten answers of earlier memories tonight's correct
+    (`old_related`: what the teacher sees beside each of those, the newer memories included).
 
     They depend on the memories, what the teacher sees beside them, the teacher and the data knobs: cached per
     home, so re-seeding after a rollback with other loss settings does not generate them again.
@@ -314,6 +318,7 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, t_engin
         {
             "mem": [t.id for t in pending],
             "related": {k: [o.id for o in v] for k, v in sorted(related.items())},
+            "old_related": {k: [o.id for o in v] for k, v in sorted(old_related.items())},
             "teacher": cfg.model_name(cfg.teacher),
             "student": cfg.model_name(cfg.student),
             "data": cfg.data.model_dump(),
@@ -337,7 +342,7 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, t_engin
         t_engine.serve(None)
         examples, probes = build_data(pending, cfg, t_engine, t_tok, st, random.Random(tr.seed), tr.seed, related)
         old_data = cached_examples(st, olds, cfg.data.restatements)
-        refreshed = refresh(olds, old_data, cfg, t_engine, t_tok, related, tr.seed) if olds else []
+        refreshed = refresh(olds, old_data, cfg, t_engine, t_tok, old_related, tr.seed) if olds else []
     payload = json.dumps(
         {
             "examples": [e.__dict__ for e in examples],

@@ -122,7 +122,7 @@ def test_general_text_parts_are_disjoint():
     assert not (ev & drift) and not (ev & anchor) and not (drift & anchor)
 
 
-def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe):
+def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypatch):
     old = {
         "messages": [
             {"role": "user", "content": "Team Pendlewick holds its Friday standup at 9:30 in room Quinceford."}
@@ -142,7 +142,22 @@ def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe):
     record([_lines(tmp_path, "a.jsonl", [json.dumps(old)])], home=home)
     seed(str(recipe), home=home, show_progress=False)
     record([_lines(tmp_path, "b.jsonl", [json.dumps(new)])], home=home)
+    import sleepctl.data as data_mod
+
+    shown: list[list] = []  # every memory block the teacher answers with tonight
+    answers = data_mod.teacher_answers
+    monkeypatch.setattr(
+        data_mod,
+        "teacher_answers",
+        lambda r, e, t, asks, s: shown.extend(m for _, m in asks) or answers(r, e, t, asks, s),
+    )
     second = seed(str(recipe), home=home, show_progress=False)
+    with open_store(home) as st:
+        assert st.run(second.run_id).summary["refreshed_memories"] == 1
+    # the old memory's answers are rewritten with the newer one beside it, never from the old one alone
+    texts = [[m[1] if isinstance(m, tuple) else m for m in block] for block in shown]
+    with_old = [b for b in texts if old["messages"][0]["content"] in " ".join(b)]
+    assert with_old and all(len(b) == 2 and "10:05" in b[1] for b in with_old)
     with open_store(home) as st:
         stale = [p for p in st.probes() if p.superseded_by]
         newest = st.traces()[-1]
