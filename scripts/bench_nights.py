@@ -200,7 +200,7 @@ def night_row(k: int, ev, memory_night: dict[str, int], updates: dict[str, list[
         j = memory_night.get(r.trace_id)
         if j == k and r.question not in corrected and _user(r):
             ic.setdefault(j, []).append(r.contains)
-    latest, stale = [], []
+    latest, stale, answers = [], [], []
     sleep_by_q: dict[str, list] = {}
     for r in sleep:
         sleep_by_q.setdefault(r.question, []).append(r)
@@ -214,6 +214,18 @@ def night_row(k: int, ev, memory_night: dict[str, int], updates: dict[str, list[
             o = outs[0]
             latest.append(contains_match(o, new_a))
             stale.append(contains_match(o, old_a))
+            # what was said, to tell a stale answer from a wrong one and a late correction from an early one
+            answers.append(
+                {
+                    "question": q,
+                    "latest": new_a,
+                    "stale": old_a,
+                    "corrected_on": seen[-1][0],
+                    "output": o,
+                    "is_latest": latest[-1],
+                    "is_stale": stale[-1],
+                }
+            )
     ppl = ev.perplexity
     return {
         "night": k,
@@ -223,6 +235,7 @@ def night_row(k: int, ev, memory_night: dict[str, int], updates: dict[str, list[
         "update_latest": statistics.mean(latest) if latest else None,
         "update_stale": statistics.mean(stale) if stale else None,
         "updates_checked": len(latest),
+        "update_answers": answers,
         "ppl": ppl.get("sleep"),
         "ppl_base": ppl.get("base"),
         "ppl_change": ppl["sleep"] / ppl["base"] - 1 if ppl.get("sleep") else 0.0,

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sleepctl.scoring import contains_match
+
 from .conftest import ROOT, write_recipe
 from .test_dream import DREAM
 
@@ -135,6 +137,9 @@ def test_bench_nights_retention_matrix_and_plot(tmp_path, tiny_dir):
         assert [x["night"] for x in rows] == [1, 2]
         assert set(rows[0]["recall"]) == {"1"} and set(rows[1]["recall"]) == {"1", "2"}  # the retention matrix
         assert rows[1]["updates_checked"] == 1 and rows[0]["updates_checked"] == 0
+        (ans,) = rows[1]["update_answers"]  # what the model said to the corrected question, beside both values
+        assert ans["question"] == q and ans["latest"] == "Zanzibarre-77" and ans["corrected_on"] == 2
+        assert ans["is_latest"] == contains_match(ans["output"], "Zanzibarre-77") and rows[0]["update_answers"] == []
         assert rows[1]["kl_drift"] is not None and rows[1]["wall_s"] > 0
     full = res["runs"][1]["nights"]
     assert full[1]["stack_depth"] == 1 and full[1]["consolidation"] is not None  # 2 > max_adapters: consolidated
