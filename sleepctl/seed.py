@@ -422,7 +422,7 @@ def _supersede(cfg, st, pending, touched, by_id, t_engine, t_tok, teacher_view, 
     marks = superseded(pending, list(by_id.values()), st.probes())
     if touched:
         olds = [by_id[i] for i in touched]
-        rel = link(olds, [*pending, *olds], cfg.replay.max_related)
+        rel = link(olds, list(by_id.values()), cfg.replay.max_related)  # as the refresh sees them
         with torch.no_grad(), teacher_view():
             t_engine.serve(None)
             marks += recheck(olds, st.probes(touched), cfg, t_engine, t_tok, rel, seed)
