@@ -213,7 +213,7 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
     )
     if not (rf.path / "stored").exists():  # once per run: a resumed run does not store or re-check again
         _store_data(st, rf.run.id, examples, refreshed, fresh_probes)
-        _supersede(cfg, st, pending, touched, by_id, t_engine, t_tok, teacher_view, tr.seed)
+        _supersede(cfg, st, pending, touched, by_id, old_related, t_engine, t_tok, teacher_view, tr.seed)
         (rf.path / "stored").touch()
     pool = _replay_pool(cfg, st, rf, model, s_tok, held, mem_ids, by_id, touched, refreshed)
     contexts = {
@@ -417,15 +417,14 @@ def _store_data(st: Store, run_id: str, examples: list[Example], refreshed: list
             st.insert_probe(db, p)
 
 
-def _supersede(cfg, st, pending, touched, by_id, t_engine, t_tok, teacher_view, seed) -> None:
+def _supersede(cfg, st, pending, touched, by_id, old_related, t_engine, t_tok, teacher_view, seed) -> None:
     """Probes of earlier memories that a newer memory answers differently stop counting (eval skips them)."""
     marks = superseded(pending, list(by_id.values()), st.probes())
     if touched:
         olds = [by_id[i] for i in touched]
-        rel = link(olds, list(by_id.values()), cfg.replay.max_related)  # as the refresh sees them
-        with torch.no_grad(), teacher_view():
+        with torch.no_grad(), teacher_view():  # the earlier memories seen as their rewrite saw them
             t_engine.serve(None)
-            marks += recheck(olds, st.probes(touched), cfg, t_engine, t_tok, rel, seed)
+            marks += recheck(olds, st.probes(touched), cfg, t_engine, t_tok, old_related, seed)
     if marks:
         with st.transaction() as db:
             for pid, by in marks:
