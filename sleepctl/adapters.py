@@ -217,16 +217,17 @@ def _freeze_for_good(pm) -> None:
 
 @contextmanager
 def active(model, names: list[str]):
-    """Run with only these adapters active (e.g. the stack without the new adapter)."""
+    """Run with only these adapters active (e.g. the stack without the new adapter); what trains is unchanged."""
     prev = list(model.base_model.active_adapters)
+    # read before set_adapter, which marks the adapters it activates trainable and the others frozen
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     model.base_model.set_adapter(names)
-    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         yield model
     finally:
         model.base_model.set_adapter(prev)
-        for n, p in model.named_parameters():  # set_adapter marks active adapters trainable: undo
-            p.requires_grad_(frozen[n])
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])
 
 
 # --- publish, rollback, prune -----------------------------------------------------------------------------
