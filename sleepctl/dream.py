@@ -38,6 +38,7 @@ from rich.console import Console
 
 from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
 from .anchor import AnchorText
+from .data import link, recorded
 from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer, job_recipe
@@ -70,6 +71,7 @@ EXIT_NOT_CURRENT = 3
 EXIT_STOPPED = 4
 
 KEEP = "Keep every name, number and date exactly as written."
+NEWER_WINS = "Where these notes disagree, the most recent one is true: it replaced the older one."
 DREAM_PROMPTS = {
     "implication": "Here is something you remember:\n\n{m}\n\nWrite two or three sentences on what follows from it: "
     "consequences, who is affected, what happens next. " + KEEP,
@@ -120,6 +122,63 @@ class Log:
 
 
 # --- data ----------------------------------------------------------------------------------------------
+
+
+def newer_related(targets: list[Trace], everyone: list[Trace], max_related: int) -> dict[str, list[Trace]]:
+    """Per memory, the later memories about the same things: any of them may have changed one of its facts."""
+    links = link(targets, everyone, max_related)
+    return {
+        t.id: later
+        for t in targets
+        if (later := [o for o in links.get(t.id, []) if (o.created_at, o.id) > (t.created_at, t.id)])
+    }
+
+
+def dream_memory(t: Trace, newer: list[Trace]) -> str:
+    """What a dream about `t` is written from. Its text alone holds a value a later memory may have corrected
+    ("the standup moved to 10:05"), and a dream of it would rehearse the stale one; so the later memories come
+    with it, dated, and the most recent wins, as the seed's teacher sees them."""
+    if not newer:
+        return t.text
+    group = sorted([t, *newer], key=lambda x: (x.created_at, x.id))
+    notes = "\n\n".join(f"[recorded {recorded(x)}]\n{x.text.strip()}" for x in group)
+    return f"{notes}\n\n{NEWER_WINS}"
+
+
+def dream_jobs(
+    cfg: Recipe, targets: list[Trace], newer: dict[str, list[Trace]], rng: random.Random
+) -> list[dict[str, Any]]:
+    """The dreams to write: `dreams_per_memory` per memory, cycling through the recipe's kinds."""
+    dc = cfg.dream
+    jobs = []
+    for t in targets:
+        for k in range(dc.dreams_per_memory):
+            kind = dc.kinds[k % len(dc.kinds)]
+            other = rng.choice([x for x in targets if x.id != t.id]) if kind == "combine" and len(targets) > 1 else None
+            if kind == "combine" and other is None:
+                kind = "rephrase"
+            m2 = dream_memory(other, newer.get(other.id, [])) if other else ""
+            text = DREAM_PROMPTS[kind].format(m=dream_memory(t, newer.get(t.id, [])), m2=m2)
+            jobs.append(
+                {
+                    "id": f"d{len(jobs):05d}",
+                    "trace_id": t.id,
+                    "kind": kind,
+                    "prompt": text,
+                    "dropout": rng.random() < dc.adapter_dropout,
+                }
+            )
+    return jobs
+
+
+def replay_pairs(replayed: list[Trace], probes: list[Probe], newer: dict[str, list[Trace]]) -> list[Pair]:
+    """Older memories rehearsed beside the dreams: their train probes (superseded ones are already out) and
+    their restatement, except where a later memory touches them: their own text may hold a corrected value."""
+    ids = {t.id for t in replayed}
+    pairs = [restatement_pair(t) for t in replayed if t.id not in newer]
+    return pairs + [
+        Pair(prompt=p.question, answer=p.answer) for p in probes if p.split == "train" and p.trace_id in ids
+    ]
 
 
 def restatement_pair(t: Trace) -> Pair:
@@ -257,6 +316,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
     rng = random.Random(night)
     replay_ids = rng.sample(older, min(len(older), math.ceil(dc.replay_fraction * len(recent_ids))))
     targets = [traces[i] for i in recent_ids + replay_ids]
+    newer = newer_related(targets, list(traces.values()), cfg.replay.max_related)
     probes = [p for p in st.probes([t.id for t in targets]) if p.superseded_by is None]
     key = {"parent": current}
     resolved = cfg.model_dump()
@@ -300,7 +360,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         # 1. dreams ------------------------------------------------------------------------------------
         dreams = _cached(rf, "dreams.json")
         if dreams is None:
-            dreams = _write_dreams(cfg, model, tok, eng, under, targets, rng, deadline)
+            dreams = _write_dreams(cfg, model, tok, eng, under, targets, newer, rng, deadline)
             if dreams is None:
                 return stopped("dreaming")
             _save(rf, "dreams.json", dreams)
@@ -375,10 +435,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
 
         # 4. ReST-EM on rewarded dreams plus replay, through the one training loop -------------------------
         data = [pr for d in good for pr in dream_pairs(d, by_trace[d["trace_id"]])]
-        data += [restatement_pair(by_trace[i]) for i in replay_ids]
-        data += [
-            Pair(prompt=p.question, answer=p.answer) for p in probes if p.split == "train" and p.trace_id in replay_ids
-        ]
+        data += replay_pairs([by_trace[i] for i in replay_ids], probes, newer)
         if not good:
             st.update_run(rf.run.id, "done", {"rewarded": 0})
             return DreamResult(
@@ -479,29 +536,21 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
 
 
 def _write_dreams(
-    cfg: Recipe, model, tok, eng, under: list[Adapter], targets: list[Trace], rng: random.Random, deadline: float
+    cfg: Recipe,
+    model,
+    tok,
+    eng,
+    under: list[Adapter],
+    targets: list[Trace],
+    newer: dict[str, list[Trace]],
+    rng: random.Random,
+    deadline: float,
 ) -> list[dict[str, Any]] | None:
     """Dreams from the full model and, for an `adapter_dropout` share, from the model without its newest adapter."""
     from .adapters import STACK, active
 
     dc = cfg.dream
-    jobs = []
-    for t in targets:
-        for k in range(dc.dreams_per_memory):
-            kind = dc.kinds[k % len(dc.kinds)]
-            other = rng.choice([x for x in targets if x.id != t.id]) if kind == "combine" and len(targets) > 1 else None
-            if kind == "combine" and other is None:
-                kind = "rephrase"
-            text = DREAM_PROMPTS[kind].format(m=t.text, m2=other.text if other else "")
-            jobs.append(
-                {
-                    "id": f"d{len(jobs):05d}",
-                    "trace_id": t.id,
-                    "kind": kind,
-                    "prompt": text,
-                    "dropout": rng.random() < dc.adapter_dropout,
-                }
-            )
+    jobs = dream_jobs(cfg, targets, newer, rng)
     if dc.max_dreams:
         jobs = jobs[: dc.max_dreams]
     out = []

@@ -88,6 +88,12 @@ def test_stack_is_one_lora_equal_to_its_parts(home, tmp_path, tiny_dir, recipe, 
         pass
     names = [n for n, p in trainee.named_parameters() if p.requires_grad]
     assert names and all(".default." in n for n in names)
+    from sleepctl.adapters import STACK, active
+
+    with torch.no_grad(), active(trainee, [STACK]):  # the stack alone (dream's dropout, consolidation's teacher)
+        alone = trainee(input_ids=ids).logits
+    torch.testing.assert_close(alone, want, atol=1e-4, rtol=1e-4)
+    assert [n for n, p in trainee.named_parameters() if p.requires_grad] == names  # still only the new adapter
     merged = concat_loras([read_lora(a.path) for a in stack])
     assert merged[1]["r"] == sum(read_lora(a.path)[1]["r"] for a in stack) == stack_lora(stack)[1]["r"]
 
@@ -175,6 +181,54 @@ def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypa
     assert rep.superseded >= 1 and any("newer memory" in n for n in rep.notes)
     scored = {r.question + "|" + r.reference for m in rep.methods for r in m.results}
     assert "What time is Team Pendlewick's Friday standup?|9:30" not in scored
+
+
+def test_dream_rehearses_the_newer_value_not_the_stale_one(home, tmp_path, tiny_dir, monkeypatch):
+    """A dream about a memory a later one corrected is written with the later one beside it, and its replay
+    does not rehearse the old memory's own text (it holds the stale value)."""
+    import sleepctl.dream as dream_mod
+
+    old = "Team Pendlewick holds its Friday standup at 9:30 in room Quinceford."
+    new = "Team Pendlewick moved its Friday standup to 10:05."
+    rcp = write_recipe(
+        tmp_path / "d.yaml",
+        tiny_dir,
+        **NIGHTS,
+        dream={
+            "dreams_per_memory": 2,
+            "kinds": ["rephrase", "qa"],
+            "replay_fraction": 1.0,
+            "max_new_tokens": 8,
+            "top_k": 1,
+            "random_b": 1,
+            "train_steps": 2,
+            "batch_size": 2,
+        },
+    )
+    record([_lines(tmp_path, "a.jsonl", [json.dumps({"messages": [{"role": "user", "content": old}]})])], home=home)
+    seed(str(rcp), home=home, show_progress=False)
+    record([_lines(tmp_path, "b.jsonl", [json.dumps({"messages": [{"role": "user", "content": new}]})])], home=home)
+    seed(str(rcp), home=home, show_progress=False)
+
+    jobs, pairs = [], []
+    make_jobs, make_pairs = dream_mod.dream_jobs, dream_mod.replay_pairs
+    monkeypatch.setattr(dream_mod, "dream_jobs", lambda *a: jobs.extend(make_jobs(*a)) or jobs)
+    monkeypatch.setattr(dream_mod, "replay_pairs", lambda *a: pairs.extend(make_pairs(*a)) or pairs)
+    with open_store(home) as st:
+        first, second = st.traces()
+    dream_mod.dream(str(rcp), home=home)
+    about_old = [j["prompt"] for j in jobs if j["trace_id"] == first.id]
+    about_new = [j["prompt"] for j in jobs if j["trace_id"] == second.id]
+    assert about_old and about_new  # the old memory was replayed beside tonight's
+    # the old memory comes with its correction, oldest first, and the rule that the later one wins
+    assert all(p.index(old) < p.index(new) and dream_mod.NEWER_WINS in p for p in about_old)
+    assert all(old not in p for p in about_new)  # the newest memory has nothing later: it is shown alone
+    # rehearsal pairs of the replayed memory never carry its own (stale) text
+    assert all("9:30" not in p.answer for p in pairs)
+    # without a later memory the prompt is the memory's text, as before
+    assert dream_mod.dream_memory(second, []) == second.text
+    assert dream_mod.newer_related([first, second], [first, second], 2) == {first.id: [second]}
+    assert dream_mod.newer_related([first, second], [first, second], 0) == {}
 
 
 def test_consolidation_replaces_the_stack_and_rollback_and_prune(home, tmp_path, recipe, small_memories):
