@@ -122,6 +122,11 @@ class Replay(Strict):
     max_related: int = Field(
         3, ge=0, le=16, description="other memories about the same names the teacher sees beside one, oldest first"
     )
+    corrected: Literal["pool", "tonight"] = Field(
+        "pool",
+        description="where the rewritten examples of earlier memories that tonight's correct train: as one memory "
+        "of the replay pool, or beside tonight's memories, as often as one of them",
+    )
 
 
 class Anchor(Strict):

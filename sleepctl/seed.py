@@ -216,10 +216,13 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
         _supersede(cfg, st, pending, touched, by_id, old_related, t_engine, t_tok, teacher_view, tr.seed)
         (rf.path / "stored").touch()
     pool = _replay_pool(cfg, st, rf, model, s_tok, held, mem_ids, by_id, touched, refreshed)
+    # the corrected memories' rewritten answers are tonight's news too, where the recipe says so
+    tonight = [*examples, *refreshed] if cfg.replay.corrected == "tonight" else examples
     contexts = {
-        tid: context(by_id[tid], link([by_id[tid]], everyone, cfg.replay.max_related)) for tid in [*mem_ids, *pool]
+        tid: context(by_id[tid], link([by_id[tid]], everyone, cfg.replay.max_related))
+        for tid in {*mem_ids, *pool, *(e.trace_id for e in tonight)}
     }
-    batches = NightBatches(examples, pool, cfg.replay.fraction, tr.batch_size)
+    batches = NightBatches(tonight, pool, cfg.replay.fraction, tr.batch_size)
     anchor = AnchorText(s_tok, cfg) if cfg.anchor.kl_coef > 0 else None
 
     steps = cfg.night_steps(len(pending))
@@ -361,8 +364,9 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_rel
 def _replay_pool(cfg: Recipe, st: Store, rf, model, s_tok, held, mem_ids, by_id, touched, refreshed):
     """Earlier memories replayed tonight, chosen once per run (saved: a resumed run replays the same ones).
 
-    A memory tonight corrects is always replayed, with its rewritten answers, so the new value overwrites
-    the old one over the frozen stack; its restatement (its own, now stale, text) is not.
+    A memory tonight corrects is always replayed (unless `replay.corrected` trains it beside tonight's), with
+    its rewritten answers, so the new value overwrites the old one over the frozen stack; its restatement
+    (its own, now stale, text) is not.
     """
     tr = cfg.training
     pool_path = rf.path / "replay.json"
@@ -378,8 +382,11 @@ def _replay_pool(cfg: Recipe, st: Store, rf, model, s_tok, held, mem_ids, by_id,
         pool_ids = [t.id for t in choose(candidates, cfg, tr.seed, losses)]
         pool_path.write_text(json.dumps(pool_ids))
     pool = without_stale(cached_examples(st, [by_id[i] for i in pool_ids], cfg.data.restatements), by_id, set(touched))
+    corrected = {e.trace_id for e in refreshed}
+    if cfg.replay.corrected == "tonight":  # they train beside tonight's memories, not once more in the pool
+        return {tid: es for tid, es in pool.items() if tid not in corrected}
     if cfg.replay.fraction > 0:
-        for tid in {e.trace_id for e in refreshed}:
+        for tid in corrected:
             pool[tid] = [e for e in refreshed if e.trace_id == tid]
     return pool
 

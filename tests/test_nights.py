@@ -128,7 +128,8 @@ def test_general_text_parts_are_disjoint():
     assert not (ev & drift) and not (ev & anchor) and not (drift & anchor)
 
 
-def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypatch):
+@pytest.mark.parametrize("corrected", ["pool", "tonight"])
+def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypatch, corrected):
     old = {
         "messages": [
             {"role": "user", "content": "Team Pendlewick holds its Friday standup at 9:30 in room Quinceford."}
@@ -149,6 +150,7 @@ def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypa
     seed(str(recipe), home=home, show_progress=False)
     record([_lines(tmp_path, "b.jsonl", [json.dumps(new)])], home=home)
     import sleepctl.data as data_mod
+    import sleepctl.seed as seed_mod
 
     shown: list[list] = []  # every memory block the teacher answers with tonight
     answers = data_mod.teacher_answers
@@ -157,7 +159,20 @@ def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypa
         "teacher_answers",
         lambda r, e, t, asks, s: shown.extend(m for _, m in asks) or answers(r, e, t, asks, s),
     )
-    second = seed(str(recipe), home=home, show_progress=False)
+    night: list = []  # tonight's batch source: (tonight's examples, the replay pool)
+    batches = seed_mod.NightBatches
+    monkeypatch.setattr(
+        seed_mod, "NightBatches", lambda new, pool, *a: night.extend([new, pool]) or batches(new, pool, *a)
+    )
+    second = seed(str(recipe), home=home, show_progress=False, overrides={"replay.corrected": corrected})
+    with open_store(home) as st:
+        first_id = st.traces()[0].id
+    new_ids, pool = {e.trace_id for e in night[0]}, night[1]
+    if corrected == "tonight":  # the corrected memory trains beside tonight's, and not once more in the pool
+        assert first_id in new_ids and first_id not in pool
+    else:  # it is replayed with its rewritten answers only, never its own (stale) text
+        assert first_id not in new_ids and first_id in pool
+        assert pool[first_id] and not any(old["messages"][0]["content"] in e.samples[0] for e in pool[first_id])
     with open_store(home) as st:
         assert st.run(second.run_id).summary["refreshed_memories"] == 1
     # the old memory's answers are rewritten with the newer one beside it, never from the old one alone
