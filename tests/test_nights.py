@@ -147,7 +147,7 @@ def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypa
         "probes": [{"question": "What time is Team Pendlewick's Friday standup?", "answer": "10:05"}],
     }
     record([_lines(tmp_path, "a.jsonl", [json.dumps(old)])], home=home)
-    seed(str(recipe), home=home, show_progress=False)
+    first = seed(str(recipe), home=home, show_progress=False)
     record([_lines(tmp_path, "b.jsonl", [json.dumps(new)])], home=home)
     import sleepctl.data as data_mod
     import sleepctl.seed as seed_mod
@@ -184,6 +184,10 @@ def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypa
         newest = st.traces()[-1]
     assert [(p.answer, p.superseded_by) for p in stale if p.origin == "user"] == [("9:30", newest.id)]
     data = json.loads((Path(second.run_dir) / "data.json").read_text())
+    # the old memory's own statement was a prompt on its night; its rewrite does not ask it again
+    said = old["messages"][0]["content"]
+    assert said in [e["prompt"] for e in json.loads((Path(first.run_dir) / "data.json").read_text())["examples"]]
+    assert data["refreshed"] and said not in [e["prompt"] for e in data["refreshed"]]
     # the teacher saw both memories, oldest first, dated, when it answered about the new one
     from sleepctl.data import context, link
 
