@@ -18,7 +18,8 @@
 Memory sets: benchmarks/nights/night1.jsonl .. night5.jsonl (fictional; later nights correct earlier
 facts, some facts arrive only in tool results; benchmarks/nights/README.md). Per night and configuration:
 recall of the new night's user probes, recall of every earlier night (a retention matrix, on the probes
-no later memory corrects), update probes answered with the latest value (and with a stale one), general
+no later memory corrects), update probes answered with the latest value (and with a stale one), what the
+rewritten answers of corrected memories carry (the old value or the latest: `rewrites`), general
 perplexity drift and KL(base || adapter) drift, wall time per phase. One table, JSON, and a PNG of the
 retention curves. Models and vLLM engines stay loaded across nights and configurations (one process).
 
@@ -147,6 +148,8 @@ def run_config(run: dict, nights: list[list[dict]], args, overrides: dict, work:
         wall = time.time() - t0
         row = night_row(k, ev, memory_night, seen)
         with open_store(home) as st:
+            row["rewrites"] = rewrite_counts(s.run_dir, st.probes(), seen)
+        with open_store(home) as st:
             depth = len(lineage(st, st.current_adapter_id()))
         row.update(
             {
@@ -177,7 +180,9 @@ def run_config(run: dict, nights: list[list[dict]], args, overrides: dict, work:
         save()
         con.print(
             f"[{name} seed {seed_no}] night {k}: new {_pct(row['recall'].get(k))}, night 1 {_pct(row['recall'].get(1))}, "
-            f"updates {_pct(row['update_latest'])}, ppl {row['ppl_change']:+.1%}, KL {row['kl_drift'] or 0:.4f}, "
+            f"updates {_pct(row['update_latest'])} (rewrites old/new {row['rewrites']['stale']}/"
+            f"{row['rewrites']['latest']} of {row['rewrites']['examples']}), "
+            f"ppl {row['ppl_change']:+.1%}, KL {row['kl_drift'] or 0:.4f}, "
             f"{wall:.0f} s ({', '.join(f'{a} {b:.0f} s' for a, b in phases.items())}), stack {depth}"
         )
     return True
@@ -243,6 +248,34 @@ def night_row(k: int, ev, memory_night: dict[str, int], updates: dict[str, list[
         "superseded": ev.superseded,
         "all_probe_recall": base["sleep"].contains if "sleep" in base else None,
     }
+
+
+def rewrite_counts(run_dir: str | None, probes, seen: dict[str, list[tuple[int, str]]]) -> dict:
+    """What tonight's rewritten answers of corrected memories carry: the old value, the latest, both.
+
+    The rewrite is where a correction reaches an earlier memory's replayed data. Counted here, a run says
+    whether replay will rehearse the new value or keep the old one (the teacher may repeat it).
+    """
+    stale: dict[str, list[tuple[str, str]]] = {}  # memory -> [(its old answer, the latest answer)]
+    for p in probes:
+        hist = seen.get(p.question, [])
+        if p.origin == "user" and len(hist) >= 2 and not contains_match(hist[-1][1], p.answer):
+            stale.setdefault(p.trace_id, []).append((p.answer, hist[-1][1]))
+    out = {"examples": 0, "stale": 0, "latest": 0, "both": 0}
+    data = Path(run_dir) / "data.json" if run_dir else None
+    if data is None or not data.exists():
+        return out
+    for e in json.loads(data.read_text()).get("refreshed", []):
+        pairs = stale.get(e["trace_id"])
+        if not pairs:
+            continue
+        text = " ".join([e["prompt"], *e["samples"][:1]])
+        old = any(contains_match(text, a) for a, _ in pairs)
+        new = any(contains_match(text, b) for _, b in pairs)
+        out["examples"] += 1
+        if old or new:
+            out["both" if old and new else "stale" if old else "latest"] += 1
+    return out
 
 
 def _user(r) -> bool:

@@ -140,6 +140,13 @@ def test_bench_nights_retention_matrix_and_plot(tmp_path, tiny_dir):
         (ans,) = rows[1]["update_answers"]  # what the model said to the corrected question, beside both values
         assert ans["question"] == q and ans["latest"] == "Zanzibarre-77" and ans["corrected_on"] == 2
         assert ans["is_latest"] == contains_match(ans["output"], "Zanzibarre-77") and rows[0]["update_answers"] == []
+        # night 2 rewrote the corrected memory's answers; what they carry is counted (night 1 rewrote nothing)
+        assert rows[0]["rewrites"] == {"examples": 0, "stale": 0, "latest": 0, "both": 0}
+        rw = rows[1]["rewrites"]
+        if run["config"] == "full":
+            assert rw["examples"] >= 1 and rw["stale"] + rw["latest"] + rw["both"] <= rw["examples"]
+        else:  # the old way links no memories, so nothing is rewritten
+            assert rw["examples"] == 0
         assert rows[1]["kl_drift"] is not None and rows[1]["wall_s"] > 0
     full = res["runs"][1]["nights"]
     assert full[1]["stack_depth"] == 1 and full[1]["consolidation"] is not None  # 2 > max_adapters: consolidated
