@@ -202,6 +202,42 @@ def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypa
     assert "What time is Team Pendlewick's Friday standup?|9:30" not in scored
 
 
+def test_refresh_keeps_answers_that_give_the_newer_value(tmp_path, tiny_dir, monkeypatch):
+    """A rewritten answer is judged grounded against everything the teacher saw, not the old memory alone: an
+    answer built from the correction is kept, and one the teacher invented is still dropped."""
+    import sleepctl.data as data_mod
+    from sleepctl.data import Example, refresh
+    from sleepctl.recipe import load_recipe
+    from sleepctl.records import Trace
+
+    def trace(i: str, text: str, when: str) -> Trace:
+        return Trace(id=i, hash=i, kind="note", text=text, source="t", created_at=when, updated_at=when)
+
+    old = trace("a", "Clayhatch Workshop pottery classes start at 19:10 with Margit Quenby.", "2026-11-01T09:00:00")
+    new = trace("b", "Clayhatch moved pottery to 20:25 in kiln room Umberlight.", "2026-11-03T09:00:00")
+    cfg, _ = load_recipe(
+        str(write_recipe(tmp_path / "r.yaml", tiny_dir)), {"data.teacher_samples": 1, "data.grounded_only": True}
+    )
+    said = {
+        "Where is the pottery class?": "Clayhatch Workshop pottery is at 20:25 in kiln room Umberlight.",
+        "Who teaches it?": "Bartholomew Quince teaches glassblowing in Lisbon every summer.",
+    }
+    seen: list = []
+    monkeypatch.setattr(
+        data_mod, "teacher_answers", lambda r, e, t, asks, s: seen.extend(asks) or [[said[p] for p, _ in asks]]
+    )
+    cached = {"a": [Example("a", p, ["(old answer)"]) for p in said]}
+    out = refresh([old], cached, cfg, None, None, {"a": [new]}, seed=0)
+    assert [(e.prompt, e.samples) for e in out] == [
+        ("Where is the pottery class?", [said["Where is the pottery class?"]])
+    ]
+    assert all(len(block) == 2 for _, block in seen)  # the teacher saw both memories, dated
+    # the same answer judged against the old memory alone looks invented: that was the bias
+    from sleepctl.scoring import grounded
+
+    assert not grounded(said["Where is the pottery class?"], old.text)
+
+
 def test_dream_rehearses_the_newer_value_not_the_stale_one(home, tmp_path, tiny_dir, monkeypatch):
     """A dream about a memory a later one corrected is written with the later one beside it, and its replay
     does not rehearse the old memory's own text (it holds the stale value)."""
