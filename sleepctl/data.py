@@ -219,19 +219,72 @@ def refresh(
     as it is, it would teach the value a newer memory corrected. Restatements of such a memory and the user
     turns in which it states its facts are dropped for the same reason: they are its own words, and the
     teacher, given them as a prompt, repeats the old value even with the newer memory in view (two thirds of
-    such prompts of corrected memories drew the old value in five GPU nights, none the new one).
+    such prompts of corrected memories drew the old value in five GPU nights, none the new one). So do prompts
+    and answers that state a value a later memory replaced (`replaced_values`).
     """
+    gone = {t.id: replaced_values(t, related.get(t.id, [])) for t in olds}
     prompts = [
         (t, e.prompt)
         for t in olds
         for e in cached.get(t.id, [])
-        if not is_restatement(e, t) and not is_own_statement(e, t)
+        if not is_restatement(e, t) and not is_own_statement(e, t) and not mentions(e.prompt, gone[t.id])
     ]
     answers = teacher_answers(recipe, t_engine, t_tok, [(p, context(t, related)) for t, p in prompts], seed + 7)
     # grounded in everything the teacher saw: judged against the old memory alone, an answer that gives the
     # newer value looked invented and was dropped (3 of 8 such answers of the 0.5B teacher), a stale one never
     seen = {t.id: "\n".join(x.text for x in [t, *related.get(t.id, [])]) for t in olds}
-    return grounded_examples(recipe, prompts, answers, seen)
+    out = []
+    for e in grounded_examples(recipe, prompts, answers, seen):
+        kept = [a for a in e.samples if not mentions(a, gone[e.trace_id])]  # the teacher repeated a replaced value
+        if kept:
+            out.append(Example(e.trace_id, e.prompt, kept))
+    return out
+
+
+# a value: a time, an ordinal, a code like G-41, or a number (with the word after it: its unit, as in "per")
+_VALUE = re.compile(r"(?<![\w:.\-])(\d{1,2}:\d{2}|\d+(?:st|nd|rd|th)\b|[A-Z]+-\d+|\d[\d,.]*\d|\d)(?:\s+([a-z]+))?")
+_NOT_UNITS = {"a", "an", "and", "at", "by", "for", "from", "in", "is", "of", "on", "or", "the", "to", "was", "with"}
+
+
+def _form(value: str, after: str | None) -> str:
+    """What slot a value fills, by its form: any time is a time, any ordinal a day; a number keeps its length
+    and unit, a code its letters and length (so "9:30" and "10:05" are alike, "340 per" and "520 per" too)."""
+    if re.fullmatch(r"\d{1,2}:\d{2}", value):
+        return "time"
+    if re.fullmatch(r"\d+(?:st|nd|rd|th)", value):
+        return "ordinal"
+    shape = re.sub(r"[A-Z]", "A", re.sub(r"\d", "9", value))
+    if value[0].isdigit() and after and after not in _NOT_UNITS:
+        shape += f" {after}"
+    return shape
+
+
+def _values(text: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for m in _VALUE.finditer(text):
+        out.setdefault(m.group(1), set()).add(_form(m.group(1), m.group(2)))
+    return out
+
+
+def replaced_values(t: Trace, related: list[Trace]) -> set[str]:
+    """Values of `t` that a later memory replaced by one of the same form ("340 per minute" -> "520 per
+    minute", "9:30" -> "10:05", "G-41" -> "H-09"): `t` has it, no later memory repeats it, and a later memory
+    has a new value of its form. Names are not compared: only values whose form says what slot they fill."""
+    later = [x for x in related if (x.created_at, x.id) > (t.created_at, t.id)]
+    if not later:
+        return set()
+    old = _values(t.text)
+    new: dict[str, set[str]] = {}
+    for x in later:
+        for v, forms in _values(x.text).items():
+            new.setdefault(v, set()).update(forms)
+    new_forms = {f for v, forms in new.items() if v not in old for f in forms}
+    return {v for v, forms in old.items() if v not in new and forms & new_forms}
+
+
+def mentions(text: str, values: set[str]) -> bool:
+    """Whether `text` states one of `values` as a whole value ("9:30" is not in "19:30")."""
+    return any(re.search(rf"(?<![\w:.\-]){re.escape(v)}(?![\w:]|[.,\-]\d)", text) for v in values)
 
 
 # --- superseded probes --------------------------------------------------------------------------------------

@@ -204,7 +204,8 @@ def test_newer_memory_supersedes_the_old_answer(home, tmp_path, recipe, monkeypa
 
 def test_refresh_keeps_answers_that_give_the_newer_value(tmp_path, tiny_dir, monkeypatch):
     """A rewritten answer is judged grounded against everything the teacher saw, not the old memory alone: an
-    answer built from the correction is kept, and one the teacher invented is still dropped."""
+    answer built from the correction is kept, one the teacher invented is still dropped, and neither a prompt nor
+    an answer that states the replaced value is kept."""
     import sleepctl.data as data_mod
     from sleepctl.data import Example, refresh
     from sleepctl.recipe import load_recipe
@@ -221,6 +222,8 @@ def test_refresh_keeps_answers_that_give_the_newer_value(tmp_path, tiny_dir, mon
     said = {
         "Where is the pottery class?": "Clayhatch Workshop pottery is at 20:25 in kiln room Umberlight.",
         "Who teaches it?": "Bartholomew Quince teaches glassblowing in Lisbon every summer.",
+        "When does pottery at Clayhatch start?": "Clayhatch Workshop pottery classes start at 19:10.",
+        "Who chose the 19:10 slot?": "Margit Quenby chose the Clayhatch pottery slot.",
     }
     seen: list = []
     monkeypatch.setattr(
@@ -228,6 +231,9 @@ def test_refresh_keeps_answers_that_give_the_newer_value(tmp_path, tiny_dir, mon
     )
     cached = {"a": [Example("a", p, ["(old answer)"]) for p in said]}
     out = refresh([old], cached, cfg, None, None, {"a": [new]}, seed=0)
+    # kept: the answer from the correction; dropped: the invented one, and the one that repeats the replaced
+    # time 19:10 (20:25 took its place); a question that presumes 19:10 is not even asked
+    assert "Who chose the 19:10 slot?" not in [p for p, _ in seen]
     assert [(e.prompt, e.samples) for e in out] == [
         ("Where is the pottery class?", [said["Where is the pottery class?"]])
     ]
@@ -236,6 +242,31 @@ def test_refresh_keeps_answers_that_give_the_newer_value(tmp_path, tiny_dir, mon
     from sleepctl.scoring import grounded
 
     assert not grounded(said["Where is the pottery class?"], old.text)
+
+
+def test_replaced_values_are_the_old_memorys_values_a_later_one_restates_in_the_same_form():
+    from sleepctl.data import mentions, replaced_values
+    from sleepctl.records import Trace
+
+    def trace(i: str, text: str, when: str) -> Trace:
+        return Trace(id=i, hash=i, kind="note", text=text, source="t", created_at=when, updated_at=when)
+
+    cap = trace("a", "Decision note 7: the Gorsewing API caps requests at 340 per minute per tenant.", "1")
+    raised = trace(
+        "b", "Decision note 12: the Gorsewing API cap is raised to 520 per minute, from version 4.18.0.", "2"
+    )
+    assert replaced_values(cap, [raised]) == {"340"}  # not 7 (note 12 is another note's number, not its slot)
+    assert replaced_values(raised, [cap]) == set()  # only a later memory replaces anything
+    standup = trace("c", "Team Pendlewick's Friday standup is at 9:30 in room Quinceford.", "1")
+    assert replaced_values(standup, [trace("d", "calendar.get('standup') -> 10:05", "2")]) == {"9:30"}
+    room = trace("e", "The Wobblecrest spectrometer is in room G-41 of the Ormsgate lab.", "1")
+    assert replaced_values(room, [trace("f", "Wobblecrest moved to room H-09.", "2")]) == {"G-41"}
+    # a later memory with values of other forms replaces nothing
+    phone = trace("g", "Marisol Ventrecka is on extension 6609, room K-217.", "1")
+    assert replaced_values(phone, [raised]) == set() and replaced_values(cap, []) == set()
+    assert mentions("It is at 9:30.", {"9:30"}) and not mentions("It is at 19:30.", {"9:30"})
+    assert mentions("340 per minute", {"340"}) and not mentions("3400 per minute", {"340"})
+    assert not mentions("version 4.18.0", {"4"}) and not mentions("anything", set())
 
 
 def test_dream_rehearses_the_newer_value_not_the_stale_one(home, tmp_path, tiny_dir, monkeypatch):
