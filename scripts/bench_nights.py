@@ -149,7 +149,6 @@ def run_config(run: dict, nights: list[list[dict]], args, overrides: dict, work:
         row = night_row(k, ev, memory_night, seen)
         with open_store(home) as st:
             row["rewrites"] = rewrite_counts(s.run_dir, st.probes(), seen)
-        with open_store(home) as st:
             depth = len(lineage(st, st.current_adapter_id()))
         row.update(
             {

@@ -61,6 +61,11 @@ def recorded(t: Trace) -> str:
     return t.created_at[:16].replace("T", " ")
 
 
+def later(t: Trace, others: list[Trace]) -> list[Trace]:
+    """The memories among `others` recorded after `t`: any of them may have changed one of its facts."""
+    return [o for o in others if (o.created_at, o.id) > (t.created_at, t.id)]
+
+
 def context(t: Trace, related: dict[str, list[Trace]]) -> list[Memory]:
     """The memory block the teacher sees for `t`: it alone, or with its related memories in time order."""
     group = sorted([t, *related.get(t.id, [])], key=lambda x: (x.created_at, x.id))
@@ -270,12 +275,12 @@ def replaced_values(t: Trace, related: list[Trace]) -> set[str]:
     """Values of `t` that a later memory replaced by one of the same form ("340 per minute" -> "520 per
     minute", "9:30" -> "10:05", "G-41" -> "H-09"): `t` has it, no later memory repeats it, and a later memory
     has a new value of its form. Names are not compared: only values whose form says what slot they fill."""
-    later = [x for x in related if (x.created_at, x.id) > (t.created_at, t.id)]
-    if not later:
+    newer = later(t, related)
+    if not newer:
         return set()
     old = _values(t.text)
     new: dict[str, set[str]] = {}
-    for x in later:
+    for x in newer:
         for v, forms in _values(x.text).items():
             new.setdefault(v, set()).update(forms)
     new_forms = {f for v, forms in new.items() if v not in old for f in forms}

@@ -38,7 +38,7 @@ from rich.console import Console
 
 from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
 from .anchor import AnchorText
-from .data import link, recorded
+from .data import context, later, link
 from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer, job_recipe
@@ -127,11 +127,7 @@ class Log:
 def newer_related(targets: list[Trace], everyone: list[Trace], max_related: int) -> dict[str, list[Trace]]:
     """Per memory, the later memories about the same things: any of them may have changed one of its facts."""
     links = link(targets, everyone, max_related)
-    return {
-        t.id: later
-        for t in targets
-        if (later := [o for o in links.get(t.id, []) if (o.created_at, o.id) > (t.created_at, t.id)])
-    }
+    return {t.id: newer for t in targets if (newer := later(t, links.get(t.id, [])))}
 
 
 def dream_memory(t: Trace, newer: list[Trace]) -> str:
@@ -140,8 +136,7 @@ def dream_memory(t: Trace, newer: list[Trace]) -> str:
     with it, dated, and the most recent wins, as the seed's teacher sees them."""
     if not newer:
         return t.text
-    group = sorted([t, *newer], key=lambda x: (x.created_at, x.id))
-    notes = "\n\n".join(f"[recorded {recorded(x)}]\n{x.text.strip()}" for x in group)
+    notes = "\n\n".join(f"[recorded {when}]\n{text.strip()}" for when, text in context(t, {t.id: newer}))
     return f"{notes}\n\n{NEWER_WINS}"
 
 
