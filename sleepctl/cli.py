@@ -833,8 +833,9 @@ def _print_answer(text: str, finish_reason: str) -> None:
         err.print(plain("(cut at --max-new-tokens)", "dim"))
 
 
-@app.command()
+@app.command(context_settings={**HELP, "allow_extra_args": True})
 def serve(
+    ctx: typer.Context,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", help="Port to listen on (0: a free one, printed)."),
     model_name: str | None = typer.Option(
@@ -857,7 +858,9 @@ def serve(
     home: str | None = HomeOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """An OpenAI-compatible endpoint on the current stack: vLLM's server on a GPU, a small one on CPU."""
+    """An OpenAI-compatible endpoint on the current stack: vLLM's server on a GPU, a small one on CPU.
+
+    Arguments after `--` go to `vllm serve` as they are (e.g. `-- --gpu-memory-utilization 0.3`)."""
     if not 0 <= port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
     if engine not in ("auto", "hf", "vllm"):
@@ -868,7 +871,7 @@ def serve(
     if print_command or use_vllm(home, adapter_id, engine):
         if port == 0:
             raise UsageError("--port 0 is for the CPU server; give vLLM a port")
-        plan = vllm_plan(home, adapter_id=adapter_id, host=host, port=port, model_name=name)
+        plan = vllm_plan(home, adapter_id=adapter_id, host=host, port=port, model_name=name, extra=ctx.args)
         if print_command:
             emit(plan, as_json, lambda p: out.print(plain(command_line(p)), soft_wrap=True))
             if not as_json:
@@ -877,6 +880,11 @@ def serve(
         err.print(plain(plan.message))
         err.print(plain(command_line(plan)), soft_wrap=True)
         exec_vllm(plan, api_key)
+    if ctx.args:
+        raise UsageError(
+            f"arguments after -- are for vLLM's server, and this one is the CPU server: {' '.join(ctx.args)}",
+            hint="drop them, or serve with --engine vllm on a GPU",
+        )
     from .chat import ChatModel
 
     model = ChatModel(home, adapter_id=adapter_id, engine="hf", follow=adapter_id is None, require_adapter=False)

@@ -341,9 +341,11 @@ def vllm_plan(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     model_name: str | None = None,
+    extra: list[str] | None = None,
 ) -> VLLMPlan:
     """The `vllm serve` command for the stack, its adapter exported (bf16) into the home's `exports/` (a
-    temporary folder when the home is read-only); an export of the same lineage is reused."""
+    temporary folder when the home is read-only); an export of the same lineage is reused. `extra`: more of
+    vLLM's own arguments, appended as they are (a GPU shared with training needs `--gpu-memory-utilization`)."""
     from .export import export_adapter
     from .models import resolve
     from .vllm_engine import lora_slot
@@ -353,7 +355,7 @@ def vllm_plan(
     base_path = resolve(t.student).path.absolute()
     cmd = ["vllm", "serve", str(base_path), "--host", host, "--port", str(port)]
     if t.adapter is None:
-        cmd += ["--served-model-name", name]
+        cmd += ["--served-model-name", name, *(extra or [])]
         return VLLMPlan(
             command=cmd,
             adapter_dir=None,
@@ -390,6 +392,7 @@ def vllm_plan(
         str(slot),
         "--max-loras",
         "1",
+        *(extra or []),
     ]
     return VLLMPlan(
         command=cmd,

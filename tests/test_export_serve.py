@@ -536,6 +536,20 @@ def test_print_command_for_vllm(stacked):
     assert d.parent == stacked / "exports" and json.loads((d / "adapter_config.json").read_text())["r"] == 14
     code, out, _ = run("serve", "--print-command", "--port", "8123", "--model-name", "ada", "--home", str(stacked))
     assert code == 0 and out.startswith("vllm serve ")  # the export is reused
+    # vLLM's own arguments after --, appended as given (a GPU shared with training needs a memory share)
+    code, out, err = run(
+        "serve", "--print-command", "--port", "8123", "--home", str(stacked), "--json", "--",
+        "--gpu-memory-utilization", "0.3", "--max-model-len", "4096",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["command"][-4:] == ["--gpu-memory-utilization", "0.3", "--max-model-len", "4096"]
+
+
+def test_vllm_arguments_refused_by_the_cpu_server(stacked):
+    code, _, err = run("serve", "--engine", "hf", "--home", str(stacked), "--", "--gpu-memory-utilization", "0.3")
+    assert code == 2 and "arguments after -- are for vLLM's server" in err
+    code, _, err = run("serve", "--print-command", "--home", str(stacked), "--bogus")
+    assert code == 2  # an unknown option before -- is still a mistake
 
 
 def test_lora_rank_slots():
