@@ -439,9 +439,14 @@ def load_results(path: Path) -> dict:
     return result
 
 
+# how much of a GPU each vLLM engine may take: a process sharing a card with another needs less, and nothing it
+# trains or measures changes with it; runs that differ only in these merge (each run's shares are kept)
+ENGINE_SHARES = {"vllm.gpu_memory_utilization", "vllm.teacher_gpu_memory_utilization"}
+
+
 def merge(args) -> None:
-    """One table over runs made in separate processes: they must be the same benchmark (recipe, overrides,
-    nights, dream) and no configuration and seed may appear twice."""
+    """One table over runs made in separate processes: they must be the same benchmark (recipe, overrides
+    but the engines' memory shares, nights, dream) and no configuration and seed may appear twice."""
     paths = [Path(p) / "results.json" if Path(p).is_dir() else Path(p) for p in args.merge]
     parts = []
     for p in paths:
@@ -449,9 +454,11 @@ def merge(args) -> None:
             parts.append(load_results(p))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--merge: {p}: not a bench_nights results.json ({e})") from None
-    same = ("recipe", "overrides", "nights", "memories_per_night", "dream")
+    same = ("recipe", "method", "nights", "memories_per_night", "dream")
+    for r in parts:
+        r["method"] = {k: v for k, v in r["overrides"].items() if k not in ENGINE_SHARES}
     for p, r in zip(paths[1:], parts[1:]):
-        diff = [k for k in same if r.get(k) != parts[0].get(k)]
+        diff = [k if k != "method" else "overrides" for k in same if r.get(k) != parts[0].get(k)]
         if diff:
             raise SystemExit(f"--merge: {p} is another benchmark than {paths[0]}: {', '.join(diff)} differ")
     runs, seen = [], set()
@@ -467,7 +474,11 @@ def merge(args) -> None:
     out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in runs if r["nights"]]
-    result = {k: first[k] for k in ("recipe", "overrides", "machine", "nights", "memories_per_night", "dream")}
+    result = {k: first[k] for k in ("recipe", "machine", "nights", "memories_per_night", "dream")}
+    result["overrides"] = first["method"]
+    shares = {str(p): {k: v for k, v in r["overrides"].items() if k in ENGINE_SHARES} for p, r in zip(paths, parts)}
+    if any(shares.values()):
+        result["engine_shares"] = shares
     result |= {"name": name, "merged": [str(p) for p in paths], "runs": runs, "summary": summarise(runs)}
     result["wall_s"] = max(r.get("wall_s", 0.0) for r in parts)  # side by side: the longest one
     (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -194,6 +194,18 @@ def test_bench_nights_merges_runs_made_apart(tmp_path):
     assert summ["night1_after_last"]["mean"] == night3["recall"]["1"] and summ["night_wall_max_s"]["n"] == 2
     assert (out / "c" / "retention.png").stat().st_size > 1000
 
+    # a seed that shared its GPU ran with smaller engine memory shares: the same benchmark, its shares kept
+    shared = json.loads((tmp_path / "s2" / "results.json").read_text())
+    shared["overrides"] = {**shared["overrides"], "vllm.gpu_memory_utilization": 0.12}
+    (tmp_path / "s2" / "results.json").write_text(json.dumps(shared))
+    r = script(
+        "bench_nights.py", "--merge", *(str(tmp_path / f"s{i}") for i in (0, 2)), "--out", str(out), "--name", "d"
+    )
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    res = json.loads((out / "d" / "results.json").read_text())
+    assert res["overrides"] == real["overrides"]
+    assert res["engine_shares"][str(tmp_path / "s2" / "results.json")] == {"vllm.gpu_memory_utilization": 0.12}
+
     dup = script("bench_nights.py", "--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(out))
     assert dup.returncode != 0 and b"full seed 0 is already in an earlier file" in dup.stderr
     other = json.loads((tmp_path / "s1" / "results.json").read_text()) | {"overrides": {"engine": "hf"}}
@@ -204,4 +216,4 @@ def test_bench_nights_merges_runs_made_apart(tmp_path):
     assert missing.returncode != 0 and b"not a bench_nights results.json" in missing.stderr
     neg = script("bench_nights.py", "--first-seed", "-1", "--out", str(out))
     assert neg.returncode == 2 and b"--first-seed at least 0" in neg.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["c", "m"]  # refused before any folder was made
+    assert sorted(p.name for p in out.iterdir()) == ["c", "d", "m"]  # refused before any folder was made
