@@ -9,6 +9,11 @@
 #            without its weights (its tokenizer and chat_template.jinja) in .pieces/gpucache/models/
 #   order: the vLLM pieces first (their wheels bring pydantic, which the conversion imports), then the GGUFs
 #          vLLM: ../shared/tools/vllm-offline-wheels.sh .pieces/vllm   (six pieces: .pieces/vllm/pieces/part0*)
+#          vLLM's OpenAI server (`sleepctl serve` on a GPU) also needs what that wheel set lacks (uvicorn,
+#            model-hosting-container-standards, anthropic, mcp and theirs; one 15 MB piece, .pieces/vserve/p00):
+#            pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d DIR \
+#              uvicorn python-multipart model-hosting-container-standards anthropic mcp; tar -C DIR -cf - . |
+#            split -b 58m -d - .pieces/vserve/p   (installed beside vLLM's; a package it already has is kept)
 #   there: copy each carried piece to /tmp/pieces/<same folder>/ one call at a time, then run this script.
 #
 #   . scripts/offline_gpu_setup.sh prepare   # wheels, join the GGUFs, start their conversion in the background
@@ -39,6 +44,13 @@ install_vllm() {  # its wheel set also brings pydantic, which the GPU image lack
     cat /tmp/pieces/vllm/part* | tar -C /tmp -xf -
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl
     touch /tmp/site/.vllm-installed
+  fi
+  if [ -d /tmp/pieces/vserve ] && [ ! -e /tmp/site/.vserve-installed ]; then
+    mkdir -p /tmp/vserve && cat /tmp/pieces/vserve/p* | tar -C /tmp/vserve -xf -
+    # no --upgrade: a package the vLLM set already installed stays as it is
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/vserve/*.whl 2>&1 \
+      | grep -v "already exists" || true
+    touch /tmp/site/.vserve-installed
   fi
 }
 
