@@ -114,7 +114,9 @@ def main() -> None:
         print(f"{name}: {sum(got)} of {len(got)} contain the reference")
     if args.json_out:
         Path(args.json_out).write_text(
-            json.dumps({"models": models, "client": client, "up_s": up_s, "summary": summary, "answers": rows}, indent=1)
+            json.dumps(
+                {"models": models, "client": client, "up_s": up_s, "summary": summary, "answers": rows}, indent=1
+            )
         )
 
 

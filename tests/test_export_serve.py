@@ -559,3 +559,34 @@ def test_lora_rank_slots():
     assert [lora_slot(r) for r in (1, 8, 9, 14, 32, 33, 96, 300, 512)] == [8, 8, 16, 16, 32, 64, 128, 320, 512]
     with pytest.raises(ModelError):
         lora_slot(513)
+
+
+def test_serve_check_asks_the_stack_through_the_openai_client(stacked, tmp_path):
+    """scripts/serve_check.py starts `python -m sleepctl serve` on a home, waits for it, asks the held-out probes
+    of the stack's memories through the openai client and scores them; a stack with none to ask is refused."""
+    import shutil
+    import sqlite3
+
+    home = tmp_path / "home"
+    shutil.copytree(stacked, home)
+    check = [sys.executable, str(ROOT / "scripts" / "serve_check.py"), "--home", str(home), "--engine", "hf"]
+    r = subprocess.run([*check, "--timeout", "120"], capture_output=True, timeout=300)
+    assert r.returncode != 0 and b"no held-out probes to ask" in r.stderr
+    db = sqlite3.connect(home / "sleepctl.db")
+    (mid,) = db.execute("SELECT id FROM traces").fetchone()
+    with db:
+        db.execute("UPDATE adapters SET trace_ids_json=?", (json.dumps([mid]),))  # the stack holds the memory
+    db.close()
+    code, _, err = run(
+        "probe", "add", mid, "-q", "Where did the Kestrel server move?", "-a", "Tallinn", "--home", str(home)
+    )
+    assert code == 0, err
+    out = tmp_path / "check.json"
+    r = subprocess.run([*check, "--max-tokens", "4", "--json", str(out)], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    res = json.loads(out.read_text())
+    assert res["models"] == ["agent"] and res["client"] == "openai"  # the CPU server serves the stack alone
+    assert res["summary"] == {"agent": {"right": 0, "asked": 1}}  # random weights do not know Tallinn
+    (a,) = res["answers"]
+    assert a["question"] == "Where did the Kestrel server move?" and a["reference"] == "Tallinn" and not a["ok"]
+    assert "agent: 0 of 1 contain the reference" in r.stdout.decode()
