@@ -18,6 +18,7 @@ from typing import Any
 
 import typer
 from pydantic import BaseModel
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -415,26 +416,32 @@ def adapters_list(home: str | None = HomeOpt, as_json: bool = JsonOpt) -> None:
         ads = st.adapters()
 
     def human(ads) -> None:
-        t = Table(title=f"{len(ads)} adapters")
-        cols = ("", "version", "id", "kind", "base model", "on", "replaces", "memories", "forgotten", "run", "created")
+        narrow = out.width < 100
+        t = Table(title=f"{len(ads)} adapters", box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD, pad_edge=not narrow)
+        cols = ["", "version", "id", "kind", "on", "replaces", "memories", "forgotten", "created", "base model", "run"]
+        # one line per adapter with the id whole (what rollback and use take): in a narrow terminal the
+        # wide columns go (--json has them) rather than every column folding to nothing
+        if out.width < 150:
+            cols = [c for c in cols[:-2] if not narrow or c not in ("replaces", "forgotten")]
         for c in cols:
-            t.add_column(c, no_wrap=c in ("id", "run"))
+            head = {"version": "ver", "memories": "mem"}.get(c, c) if narrow else c
+            t.add_column(head, no_wrap=True, overflow="ellipsis", min_width=20 if c == "id" else None)
         version = {a.id: f"v{a.version}" for a in ads}
         for a in ads:
-            cells = (
-                "*" if a.current else "",
-                f"v{a.version}",
-                a.id,
-                a.kind,
-                a.base_model,
-                version.get(a.parent_id, a.parent_id or "base"),
-                version.get(a.replaces, a.replaces or "-"),
-                str(len(a.trace_ids)),
-                str(len(a.forgotten)) if a.forgotten else "-",  # trained on memories since forgotten
-                a.run_id,
-                a.created_at[:19],
-            )
-            t.add_row(*map(plain, cells))
+            cells = {
+                "": "*" if a.current else "",
+                "version": f"v{a.version}",
+                "id": a.id,
+                "kind": a.kind,
+                "on": version.get(a.parent_id, a.parent_id or "base"),
+                "replaces": version.get(a.replaces, a.replaces or "-"),
+                "memories": str(len(a.trace_ids)),
+                "forgotten": str(len(a.forgotten)) if a.forgotten else "-",  # trained on memories since forgotten
+                "created": a.created_at[5 if narrow else 0 : 16].replace("T", " "),
+                "base model": a.base_model,
+                "run": a.run_id,
+            }
+            t.add_row(*(plain(cells[c]) for c in cols))
         out.print(t)
 
     emit(ads, as_json, human)

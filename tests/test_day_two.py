@@ -55,3 +55,39 @@ def test_list_is_one_line_per_memory_with_whole_ids_in_80_columns(tmp_path):
     for i in ids:
         assert sum(i in x for x in rows) == 1
     assert any("Orla" in x and "…" in x for x in rows)  # the text is there, cut, on its row
+
+
+def test_adapters_list_keeps_every_row_readable_in_80_columns(tmp_path):
+    """Ids are what rollback and use take: whole on one line per adapter; in a narrow terminal the wide columns
+    (base model, run) go, and no column is folded to an ellipsis."""
+    from sleepctl.memories import open_store
+    from sleepctl.records import Adapter
+    from sleepctl.store import new_id, now
+
+    home = str(tmp_path / "h")
+    assert cli("record", "--text", "The offsite moved to Lisbon.", "--home", home).returncode == 0
+    mem = cli_json("list", "--home", home)[0]["id"]
+    ids = []
+    with open_store(home) as st:
+        for v, kind in ((1, "seed"), (2, "consolidate")):
+            a = Adapter(
+                id=new_id("a"),
+                version=v,
+                run_id=new_id(kind),
+                kind=kind,
+                base_model="qwen2.5-coder-1.5b",
+                parent_id=None,
+                path=str(tmp_path / f"v{v}"),
+                trace_ids=[mem],
+                created_at=now(),
+            )
+            with st.transaction() as db:
+                st.insert_adapter(db, a)
+                st.set_current(db, a.id)
+            ids.append(a.id)
+    narrow = cli("adapters", "list", "--home", home, env={"COLUMNS": "80"}).stdout.decode()
+    rows = [x for x in narrow.splitlines() if " v1 " in x or " v2 " in x]
+    assert len(rows) == 2 and all(len(x) <= 80 and "…" not in x for x in rows), narrow
+    assert ids[0] in rows[0] and ids[1] in rows[1] and "consolidate" in rows[1] and rows[1].lstrip().startswith("*")
+    wide = cli("adapters", "list", "--home", home, env={"COLUMNS": "220"}).stdout.decode()
+    assert "qwen2.5-coder-1.5b" in wide and "base model" in wide and "run" in wide and "qwen" not in narrow
