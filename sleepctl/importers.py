@@ -476,7 +476,13 @@ def _mem0(obj: dict, at: str, line: int) -> list[ParsedMemory]:
 def _conversations(records: list[Record], where: str, fmt: str) -> list[ParsedMemory]:
     """Whole conversations (one a record), or a file of single messages (all one conversation)."""
     if not any(_shape(r.obj) == "message" for r in records):
-        return [m for r in records for m in [_conversation(r, where, fmt)] if m]
+        out = []
+        for r in records:
+            if _shape(r.obj) in ("own", "mem0", "mem0-container", "letta") and "messages" not in r.obj:
+                out += _record(r, where, "auto-own")  # a note beside the conversations: a memory of its own
+            elif m := _conversation(r, where, fmt):
+                out.append(m)
+        return out
     conv = _Conv(where, records[0].line)
     for r in records:
         try:

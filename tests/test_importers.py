@@ -281,6 +281,33 @@ def test_pretty_printed_json_of_sleepctls_own_schema(home, tmp_path):
     assert show_memory(json.loads(note.stdout)["added"][0], home)[0].kind == "note"
 
 
+def test_notes_beside_foreign_conversations_are_all_recorded(home, tmp_path):
+    """A log of OpenAI conversations (tool calls, an extra field of the agent's own) with sleepctl notes between
+    them: every record is a memory with its probes. The notes were dropped without a word before."""
+    p = tmp_path / "mixed.jsonl"
+    recs = [
+        {
+            "messages": [
+                {"role": "user", "content": "Which version runs in production?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                 "function": {"name": "deploys", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "version: 4.17.2"},
+            ],
+            "session": "s-1",
+            "probes": [{"question": "Which version runs in production?", "answer": "4.17.2"}],
+        },
+        {"text": "The Gorsewing cap is raised to 520 per minute.", "tags": ["decisions"],
+         "probes": [{"question": "What is the Gorsewing cap?", "answer": "520 per minute"}]},
+        {"text": "Ivo's bike is green."},
+    ]  # fmt: skip
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = record([p], home=home)
+    assert len(res.added) == 3 and res.probes_added == 2
+    assert res.formats == {"OpenAI Chat Completions": 1, "sleepctl text": 2}
+    texts = sorted(m.text for m in list_memories(home))
+    assert texts[0].startswith("Ivo's bike") and "520 per minute" in texts[1] and "4.17.2" in texts[2]
+
+
 @pytest.mark.parametrize(
     "content, match",
     [
