@@ -47,9 +47,9 @@ install_vllm() {  # its wheel set also brings pydantic, which the GPU image lack
   fi
   if [ -d /tmp/pieces/vserve ] && [ ! -e /tmp/site/.vserve-installed ]; then
     mkdir -p /tmp/vserve && cat /tmp/pieces/vserve/p* | tar -C /tmp/vserve -xf -
-    # no --upgrade: a package the vLLM set already installed stays as it is
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/vserve/*.whl 2>&1 \
-      | grep -v "already exists" || true
+    # no --upgrade: a package the vLLM set already installed stays as it is (pip warns, and goes on)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/vserve/*.whl \
+      > /tmp/vserve.log 2>&1 || { grep -v "already exists" /tmp/vserve.log; echo "server wheels not installed"; return 1; }
     touch /tmp/site/.vserve-installed
   fi
 }
