@@ -3,8 +3,9 @@
     make bench-nights                                              # quick CPU recipe, the full method
     python scripts/bench_nights.py --recipe qwen-small-large --teacher small --student large \\
         --set engine=vllm --configs stack,replay,replay+anchor,full --seeds 3          # on a GPU
-    # seeds side by side on one GPU, each process with its own engines and a share of the card (on an H100 two
-    # should fit, by the memory measured alone: a trainer peaks near 22 GB, engines at 0.12 + 0.05 hold 14 GB):
+    # seeds side by side on one GPU, each process with its own engines and a share of the card (a trainer peaks
+    # near 22 GB, engines at 0.12 + 0.05 hold 14 GB on an H100; on an H200 two such ran their nights as fast as
+    # one alone on the next GPU, 96-106 s):
     for s in 0 1; do python scripts/bench_nights.py ... --first-seed $s --name seed$s \\
         --set vllm.gpu_memory_utilization=0.12 --set vllm.teacher_gpu_memory_utilization=0.05 & done; wait
     python scripts/bench_nights.py --merge .bench/nights/seed0 .bench/nights/seed1 --name seeds
