@@ -10,6 +10,7 @@ current adapter followed from request to request.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -347,13 +348,22 @@ def vllm_plan(
     temporary folder when the home is read-only); an export of the same lineage is reused. `extra`: more of
     vLLM's own arguments, appended as they are (a GPU shared with training needs `--gpu-memory-utilization`)."""
     from .export import export_adapter
-    from .models import resolve
+    from .models import load_tokenizer, resolve
     from .vllm_engine import lora_slot
 
     name = model_name or default_model_name(home)
     t = open_target(home, adapter_id, require_adapter=False)
     base_path = resolve(t.student).path.absolute()
+    h = open_home(home)
+    exports = h.root / "exports" if writable(h.root) else Path(tempfile.mkdtemp(prefix="sleepctl-vllm-"))
     cmd = ["vllm", "serve", str(base_path), "--host", host, "--port", str(port)]
+    sysp = t.recipe.data.system_prompt
+    own = any(a.split("=")[0] == "--chat-template" for a in extra or [])
+    base_template = None if own or not sysp else load_tokenizer(t.student).chat_template
+    if base_template:  # the trained system prompt by default, as the CPU server answers
+        template = exports / f"chat-template-{hashlib.sha256(sysp.encode()).hexdigest()[:12]}.jinja"
+        _write(template, default_system_template(base_template, sysp))
+        cmd += ["--chat-template", str(template)]
     if t.adapter is None:
         cmd += ["--served-model-name", name, *(extra or [])]
         return VLLMPlan(
@@ -364,11 +374,8 @@ def vllm_plan(
             model_name=name,
             message=f"no adapter yet: vLLM serves the plain base {t.student} as {name}",
         )
-    h = open_home(home)
     ids = [a.id for a in t.stack]
-    folder = h.root / "exports" / f"vllm-{t.adapter.id}"
-    if not writable(h.root):
-        folder = Path(tempfile.mkdtemp(prefix="sleepctl-vllm-")) / "adapter"
+    folder = exports / f"vllm-{t.adapter.id}"
     meta = folder / "sleepctl.json"
     reuse = meta.exists() and [x["id"] for x in json.loads(meta.read_text()).get("lineage", [])] == ids
     if reuse:
@@ -402,6 +409,24 @@ def vllm_plan(
         model_name=name,
         message=f"vLLM serves adapter v{t.adapter.version} (rank {rank}, slot {slot}) as {name}, the plain base as {name}-base",
     )
+
+
+def default_system_template(template: str, system_prompt: str) -> str:
+    """`template` with `system_prompt` as the system message of a conversation that brings none: what `eval`,
+    `chat` and the CPU server render. Without it vLLM's server uses the model's own default (Qwen's names itself)."""
+    lit = json.dumps(system_prompt)  # a Jinja string literal: Jinja reads JSON's escapes
+    return (
+        "{%- if messages and messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {lit}}}] + messages %}}"
+        "{%- endif %}" + template
+    )
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def exec_vllm(plan: VLLMPlan, api_key: str | None = None) -> None:

@@ -545,6 +545,35 @@ def test_print_command_for_vllm(stacked):
     assert json.loads(out)["command"][-4:] == ["--gpu-memory-utilization", "0.3", "--max-model-len", "4096"]
 
 
+def test_vllm_serves_under_the_trained_system_prompt(stacked, tiny_dir):
+    """vLLM's server renders a conversation without a system message as eval and the CPU server do: under the
+    system prompt the stack was trained with, not the model's own default; a given system message still wins,
+    and a --chat-template of the user's own is left alone."""
+    from sleepctl.models import load_tokenizer
+
+    code, out, err = run("serve", "--print-command", "--home", str(stacked), "--json")
+    assert code == 0, err
+    cmd = json.loads(out)["command"]
+    path = Path(cmd[cmd.index("--chat-template") + 1])
+    assert path.parent == stacked / "exports"
+    tok = load_tokenizer(str(tiny_dir))
+    ours = path.read_text()
+
+    def render(msgs, template):
+        return tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+    q = [{"role": "user", "content": 'Where did the "Kestrel" server move?'}]
+    trained = [{"role": "system", "content": "You are a helpful assistant."}]
+    assert render(q, ours) == render(trained + q, tok.chat_template) != render(q, tok.chat_template)
+    other = [{"role": "system", "content": "Answer in French."}]
+    assert render(other + q, ours) == render(other + q, tok.chat_template)
+    code, out, err = run(
+        "serve", "--print-command", "--home", str(stacked), "--json", "--", "--chat-template=mine.jinja"
+    )
+    assert code == 0, err
+    assert [a for a in json.loads(out)["command"] if "chat-template" in a] == ["--chat-template=mine.jinja"]
+
+
 def test_vllm_arguments_refused_by_the_cpu_server(stacked):
     code, _, err = run("serve", "--engine", "hf", "--home", str(stacked), "--", "--gpu-memory-utilization", "0.3")
     assert code == 2 and "arguments after -- are for vLLM's server" in err
