@@ -7,7 +7,8 @@ Starts the server on the home (the CPU server, or `vllm serve` with the exported
 waits for `GET /v1/models`, then asks held-out probes of the memories the stack consolidated, closed-book,
 through the `openai` client where it is installed (plain HTTP otherwise), of the adapter and of the plain
 base (vLLM serves both), and prints how many answers contain the reference. It sends the recipe's system
-prompt, as `eval` does: vLLM's server would otherwise use the model's own default. A check, not a test.
+prompt, as `eval` does (both servers default to it now; a server of an older sleepctl on vLLM did not). A check,
+not a test.
 """
 
 from __future__ import annotations
