@@ -105,19 +105,7 @@ def build_data(
     d = recipe.data
     sysp = d.system_prompt
     gen = dict(max_new_tokens=d.max_new_tokens)
-    questions: dict[str, list[str]] = {t.id: [] for t in traces}
-    if d.questions_per_memory + d.probes_per_memory > 0:
-        asks = [
-            render(t_tok, sysp, question_request(t.text, d.questions_per_memory + d.probes_per_memory)) for t in traces
-        ]
-        out = t_engine.generate(
-            asks,
-            max_new_tokens=max(128, 24 * (d.questions_per_memory + d.probes_per_memory)),
-            temperature=0.0,
-            seed=seed,
-        )
-        for t, text in zip(traces, out.texts):
-            questions[t.id] = parse_questions(text, d.questions_per_memory + d.probes_per_memory)
+    questions = write_questions(traces, recipe, t_engine, t_tok, seed)
 
     # Probes: a teacher question whose greedy and sampled answers agree and stay grounded in the memory.
     cand = [(t, q) for t in traces for q in questions[t.id][: max(d.probes_per_memory * 2, d.probes_per_memory)]]
@@ -172,6 +160,34 @@ def build_data(
             hint="check the teacher model (a bigger teacher helps) and the data section of the recipe",
         )
     return examples, probes
+
+
+def write_questions(traces: list[Trace], recipe: Recipe, t_engine, t_tok, seed: int) -> dict[str, list[str]]:
+    """The teacher's questions about each memory: one greedy request, then up to `question_retries` sampled ones
+    for the memories it wrote too few for (a 0.5B teacher wrote 2-4 of 10 for some notes, and a fact no question
+    asks is learned from restatements alone)."""
+    d = recipe.data
+    want = d.questions_per_memory + d.probes_per_memory
+    questions: dict[str, list[str]] = {t.id: [] for t in traces}
+    if want == 0:
+        return questions
+    asks = {t.id: render(t_tok, d.system_prompt, question_request(t.text, want)) for t in traces}
+    for k in range(1 + d.question_retries):
+        short = [t.id for t in traces if len(questions[t.id]) < want]
+        if not short:
+            break
+        out = t_engine.generate(
+            [asks[i] for i in short],
+            max_new_tokens=max(128, 24 * want),
+            temperature=0.0 if k == 0 else recipe.loss.teacher_temperature,
+            seed=seed + 100 * k,
+        )
+        for i, text in zip(short, out.texts):
+            have = {q.lower() for q in questions[i]}
+            questions[i] += [q for q in parse_questions(text, want) if q.lower() not in have][
+                : want - len(questions[i])
+            ]
+    return questions
 
 
 def teacher_answers(

@@ -45,6 +45,9 @@ class Lora(Strict):
 
 class Data(Strict):
     questions_per_memory: int = Field(8, ge=0, le=64)
+    question_retries: int = Field(
+        1, ge=0, le=8, description="sampled requests more for a memory the teacher wrote too few questions for"
+    )
     entity_prompts: int = Field(4, ge=0, le=32, description="'what do you know about X?' prompts per memory")
     restatements: int = Field(
         3, ge=0, le=32, description="'what do you remember about X?' prompts answered by the memory itself"

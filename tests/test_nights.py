@@ -650,3 +650,57 @@ def test_a_refused_consolidation_waits_for_the_stack_to_grow(home, tmp_path, rec
         assert cons._recent_refusal(st, stack, 1) is None  # retry_after 1: tonight it tries again
     r = cli("consolidate", "--recipe", str(recipe), "--home", str(home), "--if-needed")
     assert r.returncode == 0 and b"1 night(s) ago" in r.stdout and b"sleepctl consolidate" in r.stdout
+
+
+def test_teacher_is_asked_again_for_a_memory_it_wrote_too_few_questions_for(tmp_path, tiny_dir):
+    """A memory the greedy request got too few questions for is asked again, sampled, and gets new questions up to
+    the number asked; a memory that got enough is not asked again; no retries, no top-up."""
+    from types import SimpleNamespace
+
+    from sleepctl.data import write_questions
+    from sleepctl.models import load_tokenizer
+    from sleepctl.recipe import load_recipe
+    from sleepctl.records import Trace
+
+    def trace(i: str, text: str) -> Trace:
+        w = "2026-11-01T09:00:00"
+        return Trace(id=i, hash=i, kind="note", text=text, source="t", created_at=w, updated_at=w)
+
+    short = trace("a", "Decision note 7: the Gorsewing API will cap requests at 340 per minute per tenant.")
+    full = trace("b", "The Kestrel build server moved from Dublin to Tallinn.")
+    calls: list = []
+
+    class Teacher:
+        def generate(self, prompts, max_new_tokens, temperature, seed):
+            calls.append((len(prompts), temperature, seed))
+            out = []
+            for p in prompts:
+                if "Gorsewing" in p and temperature == 0.0:
+                    out.append("1. Who capped the Gorsewing API?\n2. Why the cap?")
+                elif "Gorsewing" in p:  # sampled: one repeat (another case), new ones
+                    out.append(
+                        "who capped the Gorsewing API?\nWhat is the Gorsewing API cap?\nHow many requests a minute?"
+                    )
+                else:
+                    out.append("\n".join(f"Where did Kestrel go, part {k}?" for k in range(6)))
+            return SimpleNamespace(texts=out)
+
+    tok = load_tokenizer(str(tiny_dir))
+    ov = {"data.questions_per_memory": 3, "data.probes_per_memory": 1}
+    cfg, _ = load_recipe(str(write_recipe(tmp_path / "r.yaml", tiny_dir)), ov)
+    qs = write_questions([short, full], cfg, Teacher(), tok, seed=5)
+    assert qs["a"] == [
+        "Who capped the Gorsewing API?",
+        "Why the cap?",
+        "What is the Gorsewing API cap?",
+        "How many requests a minute?",
+    ]
+    assert len(qs["b"]) == 4
+    assert calls == [(2, 0.0, 5), (1, cfg.loss.teacher_temperature, 105)]  # only the short one, sampled
+    calls.clear()
+    cfg, _ = load_recipe(str(write_recipe(tmp_path / "r.yaml", tiny_dir)), {**ov, "data.question_retries": 0})
+    assert write_questions([short, full], cfg, Teacher(), tok, seed=5)["a"] == [
+        "Who capped the Gorsewing API?",
+        "Why the cap?",
+    ]
+    assert len(calls) == 1
