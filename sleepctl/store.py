@@ -460,7 +460,7 @@ class Store:
     def run(self, ref: str) -> Run:
         """By id or an unambiguous prefix of it."""
         rows = self._by_ref("runs", ref, ("id",))
-        return _run(self._one("run", ref, rows, lambda r: r["id"], "sleepctl runs lists them"), self.home)
+        return _run(self._one("run", ref, rows, lambda r: r["id"], "sleepctl runs shows them"), self.home)
 
     def fail_abandoned_runs(self) -> list[str]:
         """Runs left `running` by a process that is gone (killed, or the disk filled before it could say so).
@@ -510,7 +510,7 @@ class Store:
             rows = self.db.execute("SELECT * FROM adapters WHERE version=?", (int(v),)).fetchall()
         if not rows:
             rows = self._by_ref("adapters", ref, ("id",))
-        row = self._one("adapter", ref, rows, lambda r: f"v{r['version']} {r['id']}", "sleepctl adapters lists them")
+        row = self._one("adapter", ref, rows, lambda r: f"v{r['version']} {r['id']}", "sleepctl adapters list shows them")
         return _adapter(row, self.current_adapter_id(), self.home)
 
     def current_adapter_id(self) -> str | None:

@@ -87,7 +87,7 @@ def test_bad_eval_inputs(home, seeded, tmp_path, tiny_other_tok_dir):
     r = cli("eval", "--home", str(home), "--compare", "v1")
     assert r.returncode == 2 and b"requires 2 arguments" in r.stderr
     r = cli("eval", "--compare", "v1", "v9", "--home", str(home))
-    assert r.returncode == 1 and b"no adapter 'v9'" in r.stderr
+    assert r.returncode == 1 and b"no adapter 'v9'" in r.stderr and b"sleepctl adapters list shows them" in r.stderr
     r = cli("eval", "--compare", "v1", "v1", "--home", str(home))
     assert r.returncode == 1 and b"has not been evaluated yet" in r.stderr
     r = cli("eval", "--home", str(tmp_path / "nohome"))
