@@ -455,11 +455,13 @@ def merge(args) -> None:
             parts.append(load_results(p))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--merge: {p}: not a bench_nights results.json ({e})") from None
-    same = ("recipe", "method", "nights", "memories_per_night", "dream")
-    for r in parts:
-        r["method"] = {k: v for k, v in r["overrides"].items() if k not in ENGINE_SHARES}
+
+    def method(r: dict) -> dict:
+        return {k: v for k, v in r["overrides"].items() if k not in ENGINE_SHARES}
+
+    same = ("recipe", "nights", "memories_per_night", "dream")
     for p, r in zip(paths[1:], parts[1:]):
-        diff = [k if k != "method" else "overrides" for k in same if r.get(k) != parts[0].get(k)]
+        diff = [k for k in same if r.get(k) != parts[0].get(k)] + ["overrides"] * (method(r) != method(parts[0]))
         if diff:
             raise SystemExit(f"--merge: {p} is another benchmark than {paths[0]}: {', '.join(diff)} differ")
     runs, seen = [], set()
@@ -476,7 +478,7 @@ def merge(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in runs if r["nights"]]
     result = {k: first[k] for k in ("recipe", "machine", "nights", "memories_per_night", "dream")}
-    result["overrides"] = first["method"]
+    result["overrides"] = method(first)
     shares = {str(p): {k: v for k, v in r["overrides"].items() if k in ENGINE_SHARES} for p, r in zip(paths, parts)}
     if any(shares.values()):
         result["engine_shares"] = shares

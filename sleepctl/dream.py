@@ -42,7 +42,7 @@ from .data import context, later, link
 from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer, job_recipe
-from .home import Home, open_home, sleep_lock
+from .home import Home, open_home, sleep_lock, write_atomic
 from .loop import train
 from .models import load_model, resolve
 from .objectives import Pair, SFTObjective, sft_loss
@@ -608,6 +608,4 @@ def _cached(rf: RunFolder, name: str):
 
 
 def _save(rf: RunFolder, name: str, obj) -> None:
-    tmp = rf.path / f".{name}.tmp"
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, rf.path / name)
+    write_atomic(rf.path / name, json.dumps(obj))

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from .adapters import lineage, set_current
 from .engines import release_engines
 from .errors import UsageError
-from .home import Home, open_home, sleep_lock
+from .home import Home, open_home, sleep_lock, write_atomic
 from .runs import sweep
 from .store import Store
 
@@ -181,6 +181,4 @@ def _scrub(obj: Any, ids: set[str]) -> Any:
 
 def _write_json(p: Path, obj: Any) -> None:
     indent = 2 if p.read_text()[:2] == "{\n" else None  # as it was written
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps(obj, indent=indent))

@@ -77,6 +77,13 @@ def writable(p: Path) -> bool:
     return os.access(p, os.W_OK) and bool(mode & stat.S_IWUSR)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all: a reader (or a job killed meanwhile) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def private_umask() -> Iterator[None]:
     """Files and folders made meanwhile are the owner's only (0600/0700), whatever the caller's umask."""

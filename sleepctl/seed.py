@@ -33,7 +33,7 @@ from .anchor import AnchorText, kl_drift
 from .data import Example, build_data, context, link, recheck, refresh, superseded
 from .engines import lora_capacity, release_engines, rollout_engine
 from .errors import ModelError, RecipeError
-from .home import open_home, sleep_lock
+from .home import open_home, sleep_lock, write_atomic
 from .loop import Interrupted, train  # noqa: F401 - Interrupted is part of this module's API
 from .models import OFFLINE_MODELS, compare_tokenizers, load_model, resolve
 from .objectives import SeedObjective, encode_answer
@@ -355,9 +355,7 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_rel
     )
     for dest in (data_path, cached):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_text(payload)
-        os.replace(tmp, dest)
+        write_atomic(dest, payload)
     return examples, refreshed, probes
 
 

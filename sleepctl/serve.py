@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from .chat import ChatModel, Message, open_target, pick_engine
 from .errors import SleepError, UsageError
-from .home import open_home, resolve_home, writable
+from .home import open_home, resolve_home, writable, write_atomic
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_TOKENS = 512  # a request without max_tokens: bounded, so a CPU is not busy for minutes
@@ -362,7 +362,8 @@ def vllm_plan(
     base_template = None if own or not sysp else load_tokenizer(t.student).chat_template
     if base_template:  # the trained system prompt by default, as the CPU server answers
         template = exports / f"chat-template-{hashlib.sha256(sysp.encode()).hexdigest()[:12]}.jinja"
-        _write(template, default_system_template(base_template, sysp))
+        exports.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(template, default_system_template(base_template, sysp))
         cmd += ["--chat-template", str(template)]
     if t.adapter is None:
         cmd += ["--served-model-name", name, *(extra or [])]
@@ -420,13 +421,6 @@ def default_system_template(template: str, system_prompt: str) -> str:
         f"{{%- set messages = [{{'role': 'system', 'content': {lit}}}] + messages %}}"
         "{%- endif %}" + template
     )
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def exec_vllm(plan: VLLMPlan, api_key: str | None = None) -> None:

@@ -510,7 +510,9 @@ class Store:
             rows = self.db.execute("SELECT * FROM adapters WHERE version=?", (int(v),)).fetchall()
         if not rows:
             rows = self._by_ref("adapters", ref, ("id",))
-        row = self._one("adapter", ref, rows, lambda r: f"v{r['version']} {r['id']}", "sleepctl adapters list shows them")
+        row = self._one(
+            "adapter", ref, rows, lambda r: f"v{r['version']} {r['id']}", "sleepctl adapters list shows them"
+        )
         return _adapter(row, self.current_adapter_id(), self.home)
 
     def current_adapter_id(self) -> str | None:
