@@ -25,6 +25,7 @@ from .prompts import (
     restatement,
     restatement_prompts,
     user_turns,
+    value_question_request,
 )
 from .recipe import Recipe
 from .records import Probe, Trace
@@ -241,25 +242,65 @@ def refresh(
     turns in which it states its facts are dropped for the same reason: they are its own words, and the
     teacher, given them as a prompt, repeats the old value even with the newer memory in view (two thirds of
     such prompts of corrected memories drew the old value in five GPU nights, none the new one). So do prompts
-    and answers that state a value a later memory replaced (`replaced_values`).
+    and answers that state a value a later memory replaced (`replaced_by`); questions that ask for such a value plainly are
+    added (`update_questions`).
     """
-    gone = {t.id: replaced_values(t, related.get(t.id, [])) for t in olds}
+    gone = {t.id: replaced_by(t, related.get(t.id, [])) for t in olds}
     prompts = [
         (t, e.prompt)
         for t in olds
         for e in cached.get(t.id, [])
-        if not is_restatement(e, t) and not is_own_statement(e, t) and not mentions(e.prompt, gone[t.id])
+        if not is_restatement(e, t) and not is_own_statement(e, t) and not mentions(e.prompt, set(gone[t.id]))
     ]
-    answers = teacher_answers(recipe, t_engine, t_tok, [(p, context(t, related)) for t, p in prompts], seed + 7)
+    asks = [(p, context(t, related)) for t, p in prompts]
+    # questions for the replaced values, each asked twice: with the memories in time order, and of the memory
+    # that replaced the value alone (the 0.5B teacher, shown both, often answers with the older value)
+    asked = {(t.id, p) for t, p in prompts}
+    for t, q, newer in update_questions(olds, gone, recipe, t_engine, t_tok, seed):
+        if (t.id, q) not in asked:
+            asked.add((t.id, q))
+            prompts += [(t, q), (t, q)]
+            asks += [(q, context(t, related)), (q, [newer.text])]
+    answers = teacher_answers(recipe, t_engine, t_tok, asks, seed + 7)
     # grounded in everything the teacher saw: judged against the old memory alone, an answer that gives the
     # newer value looked invented and was dropped (3 of 8 such answers of the 0.5B teacher), a stale one never
     seen = {t.id: "\n".join(x.text for x in [t, *related.get(t.id, [])]) for t in olds}
-    out = []
+    out: dict[tuple[str, str], Example] = {}
     for e in grounded_examples(recipe, prompts, answers, seen):
-        kept = [a for a in e.samples if not mentions(a, gone[e.trace_id])]  # the teacher repeated a replaced value
+        kept = [a for a in e.samples if not mentions(a, set(gone[e.trace_id]))]  # the teacher repeated a replaced value
         if kept:
-            out.append(Example(e.trace_id, e.prompt, kept))
-    return out
+            have = out.setdefault((e.trace_id, e.prompt), Example(e.trace_id, e.prompt, []))
+            have.samples += [a for a in kept if a not in have.samples]
+    return list(out.values())
+
+
+def update_questions(
+    olds: list[Trace], gone: dict[str, dict[str, Trace]], recipe: Recipe, t_engine, t_tok, seed: int
+) -> list[tuple[Trace, str, Trace]]:
+    """Questions that ask for a value a newer memory replaced, written from the earlier memory alone, each with
+    the memory that replaced the value.
+
+    The earlier memory's cached prompts rarely ask for the changed fact plainly (the night-1 Gorsewing note had two
+    teacher questions, neither about its cap, and those that named the cap stated it); a user who learned the old
+    value asks for it in the old memory's words. Written against the old note and answered with the newer one in
+    view (`refresh`), they teach the new value under those words. A question stating the old value is dropped.
+    """
+    n = recipe.data.update_questions
+    asks = [(t, v, by) for t in olds for v, by in sorted(gone.get(t.id, {}).items())] if n else []
+    if not asks:
+        return []
+    sysp = recipe.data.system_prompt
+    out = t_engine.generate(
+        [render(t_tok, sysp, value_question_request(t.text, v, n)) for t, v, _ in asks],
+        max_new_tokens=max(128, 24 * n),
+        temperature=0.0,
+        seed=seed + 11,
+    )
+    res: list[tuple[Trace, str, Trace]] = []
+    for (t, _, by), text in zip(asks, out.texts):
+        have = {q for o, q, _ in res if o.id == t.id}
+        res += [(t, q, by) for q in parse_questions(text, n) if q not in have and not mentions(q, set(gone[t.id]))]
+    return res
 
 
 # a value: a time, an ordinal, a code like G-41, or a number (with the word after it: its unit, as in "per")
@@ -287,20 +328,21 @@ def _values(text: str) -> dict[str, set[str]]:
     return out
 
 
-def replaced_values(t: Trace, related: list[Trace]) -> set[str]:
+def replaced_by(t: Trace, related: list[Trace]) -> dict[str, Trace]:
     """Values of `t` that a later memory replaced by one of the same form ("340 per minute" -> "520 per
-    minute", "9:30" -> "10:05", "G-41" -> "H-09"): `t` has it, no later memory repeats it, and a later memory
-    has a new value of its form. Names are not compared: only values whose form says what slot they fill."""
-    newer = later(t, related)
-    if not newer:
-        return set()
+    minute", "9:30" -> "10:05", "G-41" -> "H-09"), each with the newest memory holding a new value of its form:
+    `t` has it, no later memory repeats it. Names are not compared: only values whose form says what slot they
+    fill."""
+    newer = sorted(later(t, related), key=lambda x: (x.created_at, x.id))
     old = _values(t.text)
-    new: dict[str, set[str]] = {}
-    for x in newer:
-        for v, forms in _values(x.text).items():
-            new.setdefault(v, set()).update(forms)
-    new_forms = {f for v, forms in new.items() if v not in old for f in forms}
-    return {v for v, forms in old.items() if v not in new and forms & new_forms}
+    repeated = {v for x in newer for v in _values(x.text)}
+    out: dict[str, Trace] = {}
+    for x in newer:  # oldest first: the newest one that holds a new value of the form wins
+        new_forms = {f for v, forms in _values(x.text).items() if v not in old for f in forms}
+        for v, forms in old.items():
+            if v not in repeated and forms & new_forms:
+                out[v] = x
+    return out
 
 
 def mentions(text: str, values: set[str]) -> bool:

@@ -44,6 +44,17 @@ def question_request(memory: str, n: int) -> str:
     )
 
 
+def value_question_request(memory: str, value: str, n: int) -> str:
+    """Questions whose answer is one value of the note, asked as someone who needs it would: for a value a later
+    memory replaced, these are the questions whose answer changed, in the words a user of the old fact uses."""
+    return (
+        f"Here is a note:\n\n{memory.strip()}\n\n"
+        f'Write {n} different questions whose answer is "{value}" in this note. Ask them the way someone who needs '
+        f"the fact would, in different words. Each question must name who or what it is about and must not contain "
+        f'"{value}". Write one question per line and nothing else.'
+    )
+
+
 _NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+[.)]|Q\d*[:.)]?)\s*")
 
 

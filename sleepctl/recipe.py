@@ -48,6 +48,13 @@ class Data(Strict):
     question_retries: int = Field(
         1, ge=0, le=8, description="sampled requests more for a memory the teacher wrote too few questions for"
     )
+    update_questions: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="questions asked for each value of an earlier memory that a newer one replaced, answered "
+        "with both in view (0: none)",
+    )
     entity_prompts: int = Field(4, ge=0, le=32, description="'what do you know about X?' prompts per memory")
     restatements: int = Field(
         3, ge=0, le=32, description="'what do you remember about X?' prompts answered by the memory itself"

@@ -217,7 +217,8 @@ def test_refresh_keeps_answers_that_give_the_newer_value(tmp_path, tiny_dir, mon
     old = trace("a", "Clayhatch Workshop pottery classes start at 19:10 with Margit Quenby.", "2026-11-01T09:00:00")
     new = trace("b", "Clayhatch moved pottery to 20:25 in kiln room Umberlight.", "2026-11-03T09:00:00")
     cfg, _ = load_recipe(
-        str(write_recipe(tmp_path / "r.yaml", tiny_dir)), {"data.teacher_samples": 1, "data.grounded_only": True}
+        str(write_recipe(tmp_path / "r.yaml", tiny_dir)),
+        {"data.teacher_samples": 1, "data.grounded_only": True, "data.update_questions": 0},
     )
     said = {
         "Where is the pottery class?": "Clayhatch Workshop pottery is at 20:25 in kiln room Umberlight.",
@@ -244,8 +245,63 @@ def test_refresh_keeps_answers_that_give_the_newer_value(tmp_path, tiny_dir, mon
     assert not grounded(said["Where is the pottery class?"], old.text)
 
 
+def test_refresh_asks_for_a_replaced_value_in_the_old_memorys_words(tmp_path, tiny_dir, monkeypatch):
+    """Questions for a replaced value are written from the old memory alone and answered twice, with both
+    memories dated and with the replacing memory alone; a stale answer is dropped, the new value kept, and a
+    question that states the old value is never asked. `data.update_questions: 0` writes none."""
+    import sleepctl.data as data_mod
+    from sleepctl.data import refresh
+    from sleepctl.engines import Rollouts
+    from sleepctl.models import load_tokenizer
+    from sleepctl.recipe import load_recipe
+    from sleepctl.records import Trace
+
+    def trace(i: str, text: str, when: str) -> Trace:
+        return Trace(id=i, hash=i, kind="note", text=text, source="t", created_at=when, updated_at=when)
+
+    old = trace("a", "Clayhatch Workshop pottery classes start at 19:10 with Margit Quenby.", "2026-11-01T09:00:00")
+    new = trace("b", "Clayhatch moved pottery to 20:25 in kiln room Umberlight.", "2026-11-03T09:00:00")
+
+    class Writer:
+        def __init__(self):
+            self.requests: list[str] = []
+
+        def generate(self, prompts, **kw):
+            self.requests += prompts
+            text = "1. What time does the Clayhatch pottery class start?\n2. Is Clayhatch pottery at 19:10?\n"
+            return Rollouts([[] for _ in prompts], [[] for _ in prompts], [text for _ in prompts])
+
+    stale = "Clayhatch Workshop pottery classes start at 19:10."
+    fresh = "Clayhatch pottery starts at 20:25 in kiln room Umberlight."
+    seen: list = []
+
+    def answers(r, e, t, asks, s):
+        seen.extend(asks)
+        return [[stale if len(block) == 2 else fresh for _, block in asks]]
+
+    monkeypatch.setattr(data_mod, "teacher_answers", answers)
+    tok = load_tokenizer(str(tiny_dir))
+    cfg, _ = load_recipe(str(write_recipe(tmp_path / "r.yaml", tiny_dir)), {"data.teacher_samples": 1})
+    writer = Writer()
+    out = refresh([old], {"a": []}, cfg, writer, tok, {"a": [new]}, seed=0)
+    assert len(writer.requests) == 1 and '"19:10"' in writer.requests[0] and old.text in writer.requests[0]
+    assert new.text not in writer.requests[0]  # written from the old memory alone
+    q = "What time does the Clayhatch pottery class start?"
+    assert sorted(len(block) for p, block in seen if p == q) == [1, 2]
+    assert [p for p, _ in seen if "19:10" in p] == []
+    assert [(e.prompt, e.samples) for e in out] == [(q, [fresh])]
+
+    cfg0, _ = load_recipe(str(tmp_path / "r.yaml"), {"data.update_questions": 0})
+    seen.clear()
+    assert refresh([old], {"a": []}, cfg0, None, tok, {"a": [new]}, seed=0) == [] and seen == []
+
+
 def test_replaced_values_are_the_old_memorys_values_a_later_one_restates_in_the_same_form():
-    from sleepctl.data import mentions, replaced_values
+    from sleepctl.data import mentions, replaced_by
+
+    def replaced_values(t, related):
+        return set(replaced_by(t, related))
+
     from sleepctl.records import Trace
 
     def trace(i: str, text: str, when: str) -> Trace:
@@ -264,6 +320,11 @@ def test_replaced_values_are_the_old_memorys_values_a_later_one_restates_in_the_
     # a later memory with values of other forms replaces nothing
     phone = trace("g", "Marisol Ventrecka is on extension 6609, room K-217.", "1")
     assert replaced_values(phone, [raised]) == set() and replaced_values(cap, []) == set()
+    # a value replaced twice names the newest memory that replaced it, whichever order they come in
+    moved = trace("d", "Team Pendlewick moved the standup to 10:05.", "2")
+    again = trace("h", "The Pendlewick standup is now at 8:50.", "3")
+    assert replaced_by(standup, [again, moved]) == {"9:30": again}
+    assert replaced_by(moved, [again, standup]) == {"10:05": again}
     assert mentions("It is at 9:30.", {"9:30"}) and not mentions("It is at 19:30.", {"9:30"})
     assert mentions("340 per minute", {"340"}) and not mentions("3400 per minute", {"340"})
     assert not mentions("version 4.18.0", {"4"}) and not mentions("anything", set())
