@@ -242,21 +242,22 @@ def refresh(
     turns in which it states its facts are dropped for the same reason: they are its own words, and the
     teacher, given them as a prompt, repeats the old value even with the newer memory in view (two thirds of
     such prompts of corrected memories drew the old value in five GPU nights, none the new one). So do prompts
-    and answers that state a value a later memory replaced (`replaced_by`); questions that ask for such a value plainly are
-    added (`update_questions`).
+    and answers that state a value a later memory replaced (`replaced_by`). Questions that ask for such a value
+    plainly are added (`update_questions`).
     """
-    gone = {t.id: replaced_by(t, related.get(t.id, [])) for t in olds}
+    by = {t.id: replaced_by(t, related.get(t.id, [])) for t in olds}
+    gone = {tid: set(values) for tid, values in by.items()}
     prompts = [
         (t, e.prompt)
         for t in olds
         for e in cached.get(t.id, [])
-        if not is_restatement(e, t) and not is_own_statement(e, t) and not mentions(e.prompt, set(gone[t.id]))
+        if not is_restatement(e, t) and not is_own_statement(e, t) and not mentions(e.prompt, gone[t.id])
     ]
     asks = [(p, context(t, related)) for t, p in prompts]
     # questions for the replaced values, each asked twice: with the memories in time order, and of the memory
     # that replaced the value alone (the 0.5B teacher, shown both, often answers with the older value)
     asked = {(t.id, p) for t, p in prompts}
-    for t, q, newer in update_questions(olds, gone, recipe, t_engine, t_tok, seed):
+    for t, q, newer in update_questions(olds, by, recipe, t_engine, t_tok, seed):
         if (t.id, q) not in asked:
             asked.add((t.id, q))
             prompts += [(t, q), (t, q)]
@@ -267,7 +268,7 @@ def refresh(
     seen = {t.id: "\n".join(x.text for x in [t, *related.get(t.id, [])]) for t in olds}
     out: dict[tuple[str, str], Example] = {}
     for e in grounded_examples(recipe, prompts, answers, seen):
-        kept = [a for a in e.samples if not mentions(a, set(gone[e.trace_id]))]  # the teacher repeated a replaced value
+        kept = [a for a in e.samples if not mentions(a, gone[e.trace_id])]  # the teacher repeated a replaced value
         if kept:
             have = out.setdefault((e.trace_id, e.prompt), Example(e.trace_id, e.prompt, []))
             have.samples += [a for a in kept if a not in have.samples]
@@ -275,7 +276,7 @@ def refresh(
 
 
 def update_questions(
-    olds: list[Trace], gone: dict[str, dict[str, Trace]], recipe: Recipe, t_engine, t_tok, seed: int
+    olds: list[Trace], by: dict[str, dict[str, Trace]], recipe: Recipe, t_engine, t_tok, seed: int
 ) -> list[tuple[Trace, str, Trace]]:
     """Questions that ask for a value a newer memory replaced, written from the earlier memory alone, each with
     the memory that replaced the value.
@@ -286,7 +287,7 @@ def update_questions(
     view (`refresh`), they teach the new value under those words. A question stating the old value is dropped.
     """
     n = recipe.data.update_questions
-    asks = [(t, v, by) for t in olds for v, by in sorted(gone.get(t.id, {}).items())] if n else []
+    asks = [(t, v, newer) for t in olds for v, newer in sorted(by.get(t.id, {}).items())] if n else []
     if not asks:
         return []
     sysp = recipe.data.system_prompt
@@ -297,9 +298,9 @@ def update_questions(
         seed=seed + 11,
     )
     res: list[tuple[Trace, str, Trace]] = []
-    for (t, _, by), text in zip(asks, out.texts):
+    for (t, _, newer), text in zip(asks, out.texts):
         have = {q for o, q, _ in res if o.id == t.id}
-        res += [(t, q, by) for q in parse_questions(text, n) if q not in have and not mentions(q, set(gone[t.id]))]
+        res += [(t, q, newer) for q in parse_questions(text, n) if q not in have and not mentions(q, set(by[t.id]))]
     return res
 
 

@@ -52,8 +52,8 @@ class Data(Strict):
         4,
         ge=0,
         le=16,
-        description="questions asked for each value of an earlier memory that a newer one replaced, answered "
-        "with both in view (0: none)",
+        description="questions written for each value of an earlier memory that a newer one replaced, answered "
+        "with both dated and with the newer one alone (0: none)",
     )
     entity_prompts: int = Field(4, ge=0, le=32, description="'what do you know about X?' prompts per memory")
     restatements: int = Field(
