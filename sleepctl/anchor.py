@@ -35,14 +35,15 @@ class AnchorText:
     def batch(self, rng: random.Random) -> list[list[int]]:
         return [self.ids(i) for i in rng.sample(range(len(self.texts)), self.cfg.batch_size)]
 
-    def loss(self, model, seqs: list[list[int]]) -> tuple[torch.Tensor, int]:
-        """KL(base || student) per token over the paragraphs; the base is the same model, adapters off."""
+    def loss(self, model, seqs: list[list[int]], forward=None) -> tuple[torch.Tensor, int]:
+        """KL(base || student) per token over the paragraphs; the base is the same model, adapters off.
+        `forward`: what the student's forward goes through (DDP's wrapper on several processes)."""
         device = next(model.parameters()).device
         ids, mask = pad_right(seqs, self.tok.pad_token_id, device)
         with torch.no_grad(), model.disable_adapter(), bf16_compute(model):
             base = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         with bf16_compute(model):
-            student = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            student = (forward or model)(input_ids=ids, attention_mask=mask).logits[:, :-1]
         m = mask[:, 1:].bool()
         return generalized_jsd_loss(student, base.to(student.dtype), m, beta=0.0), int(m.sum())
 

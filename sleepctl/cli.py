@@ -326,6 +326,7 @@ def seed(
     """Consolidate pending memories into a new LoRA adapter (Knowledge Seeding)."""
     if steps is not None and steps < 1:
         raise UsageError("--steps must be at least 1")
+    from .distributed import from_env
     from .recipe import parse_overrides
     from .seed import seed as api_seed
 
@@ -335,6 +336,8 @@ def seed(
     res = api_seed(
         recipe, home=home, teacher=teacher, student=student, since=since, overrides=ov, show_progress=not as_json
     )
+    if not from_env().main:
+        return  # under torchrun, rank 0 reports
 
     def human(r) -> None:
         out.print(plain(r.message))

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel
 from rich.console import Console
 
+from . import distributed
 from .adapters import NEW, STACK, active, init_from_stack, lineage, publish_adapter, stack_lora
 from .anchor import AnchorText, kl_drift
 from .data import Example, build_data, context, link
@@ -92,6 +93,7 @@ def consolidate(
 ) -> ConsolidateResult:
     """Distil the current stack's memories into one adapter. Without `recipe`, the recipe of the run that made
     the current adapter (a GPU home stays on its GPU recipe)."""
+    distributed.refuse("consolidate")  # one process: only seed trains across several
     t0 = time.time()
     h = open_home(home)
     try:

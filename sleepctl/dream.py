@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel
 from rich.console import Console
 
+from . import distributed
 from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
 from .anchor import AnchorText
 from .data import context, later, link
@@ -249,6 +250,7 @@ def dream(
 ) -> DreamResult:
     """Rehearse the newest adapter's memories. `consolidate` (default: the recipe's `consolidate.auto`):
     consolidate the stack afterwards when it has grown past `consolidate.max_adapters`."""
+    distributed.refuse("dream")  # one process: only seed trains across several
     t0 = time.time()
     h = open_home(home)
     with Store(h.db_path) as st:

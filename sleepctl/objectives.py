@@ -70,10 +70,13 @@ class SeedObjective:
         anchor=None,
         max_steps: int | None = None,
         extra_teacher: tuple | None = None,
+        forward=None,
     ):
         """`extra_teacher`: (context manager factory that makes the model that teacher, weight), e.g. the
-        current stack during a consolidation, scored closed-book on the same answers."""
+        current stack during a consolidation, scored closed-book on the same answers. `forward`: what the
+        student's gradient-carrying forwards go through (DDP's wrapper on several processes; the model itself)."""
         self.model, self.teacher, self.s_tok, self.t_tok, self.engine = model, teacher, s_tok, t_tok, engine
+        self.forward = forward if forward is not None else model
         self.extra_teacher = extra_teacher
         self.cfg, self.contexts, self.batches, self.anchor = cfg, contexts, batches, anchor
         self.self_teacher = teacher is model  # "self": the same weights with every adapter off
@@ -198,7 +201,7 @@ class SeedObjective:
             ctx = self.model.disable_adapter() if self.self_teacher else nullcontext()
             with torch.no_grad(), ctx:
                 t_logits, _ = completion_logits(self.teacher, t_ids, ys, self.s_tok.pad_token_id)
-            s_logits, mask = completion_logits(self.model, s_ids, ys, self.s_tok.pad_token_id)
+            s_logits, mask = completion_logits(self.forward, s_ids, ys, self.s_tok.pad_token_id)
             kd = divergence(lc.divergence, s_logits, t_logits.to(s_logits.dtype), mask, lc.beta)
             del t_logits
             if self.extra_teacher is not None:
@@ -219,7 +222,7 @@ class SeedObjective:
             m["train/lti_loss"] = lti.item()
             m.update(info)
         if self.anchor is not None and self.cfg.anchor.kl_coef > 0:
-            kl, n = self.anchor.loss(self.model, self.anchor.batch(rng))
+            kl, n = self.anchor.loss(self.model, self.anchor.batch(rng), forward=self.forward)
             loss = loss + self.cfg.anchor.kl_coef * kl
             m["train/anchor_kl"] = kl.item()
             m["train/anchor_tokens"] = n
@@ -239,7 +242,7 @@ class SeedObjective:
         rewards = lti_reward(r_sem, r_abs, lc.gamma)
         adv = group_advantages(rewards, G, lc.scale_rewards)
         device = next(self.model.parameters()).device
-        logits, mask = completion_logits(self.model, got.lti_prompt_ids, got.lti_completions, self.s_tok.pad_token_id)
+        logits, mask = completion_logits(self.forward, got.lti_prompt_ids, got.lti_completions, self.s_tok.pad_token_id)
         logps = sequence_logps(logits, labels_tensor(got.lti_completions, device))
         loss = policy_gradient_loss(logps, adv.to(device), mask)
         return loss, {

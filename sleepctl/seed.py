@@ -28,11 +28,12 @@ import torch
 from pydantic import BaseModel
 from rich.console import Console
 
+from . import distributed
 from .adapters import lineage, publish_adapter, stack_lora
 from .anchor import AnchorText, kl_drift
 from .data import Example, build_data, context, link, recheck, refresh, superseded
 from .engines import lora_capacity, release_engines, rollout_engine
-from .errors import ModelError, RecipeError
+from .errors import ModelError, RecipeError, SleepError
 from .home import open_home, sleep_lock, write_atomic
 from .loop import Interrupted, train  # noqa: F401 - Interrupted is part of this module's API
 from .models import OFFLINE_MODELS, compare_tokenizers, load_model, resolve
@@ -42,6 +43,7 @@ from .recipe import Recipe, load_recipe
 from .records import Probe, Trace, since_timestamp
 from .replay import NightBatches, cached_examples, choose, memory_losses, without_stale
 from .runs import (
+    RunFolder,
     config_hash,
     find_resumable,
     latest_checkpoint,
@@ -102,6 +104,22 @@ def prepare(recipe_ref: str | None, teacher: str | None, student: str | None, ov
     return recipe
 
 
+def check_ranks(cfg: Recipe, ranks: distributed.Ranks) -> None:
+    """What several processes (torchrun) need, said before anything loads."""
+    if not ranks.active:
+        return
+    if cfg.engine == "vllm":
+        raise RecipeError(
+            "engine: vllm does not run under several processes yet (each rank would start its engines on one GPU)",
+            hint="use --set engine=hf with torchrun, or one process with vLLM",
+        )
+    if cfg.training.batch_size < ranks.world:
+        raise RecipeError(
+            f"training.batch_size {cfg.training.batch_size} is smaller than the {ranks.world} processes",
+            hint="every process trains on its share of a batch: raise training.batch_size or start fewer",
+        )
+
+
 def check_stack(stack: list, name: str) -> None:
     for a in stack:
         if a.base_model != name:
@@ -154,35 +172,50 @@ def seed(
     t_start = time.time()
     since = since_timestamp(since) if since else None
     cfg = prepare(recipe, teacher, student, overrides)
+    check_ranks(cfg, distributed.from_env())
     if cfg.engine == "vllm":
         require_vllm()  # before any model loads: a clear message in a second, not a traceback in a minute
     h = open_home(home)
-    with sleep_lock(h, "seed"):
-        st = Store(h.db_path)
+    ranks = distributed.setup(cfg.training.device)  # one process: rank 0 of 1, and nothing changes
+    # rank 0 owns the home (the lock, the sweep, every write); the others read what it decided
+    with sleep_lock(h, "seed") if ranks.main else nullcontext():
+        st = Store(h.db_path, readonly=not ranks.main)
         try:
-            sweep(h, st)  # what a job that died left behind
+            if ranks.main:
+                sweep(h, st)  # what a job that died left behind
             pending = st.traces(status="pending", since=since)
+            if ranks.active:  # the memories rank 0 found, whatever was recorded meanwhile
+                by_id = {t.id: t for t in st.traces()}
+                pending = [by_id[i] for i in distributed.broadcast(ranks, [t.id for t in pending])]
             if not pending:
                 return SeedResult(status="nothing", message="nothing to consolidate: no pending memories")
-            return _seed(cfg, h, st, pending, t_start, show_progress)
+            return _seed(cfg, h, st, pending, t_start, show_progress and ranks.main, ranks)
         finally:
             st.close()
             if not keep_engines:
                 release_engines()
 
 
-def _seed(cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_progress: bool) -> SeedResult:
+def _seed(
+    cfg: Recipe, h, st: Store, pending: list[Trace], t_start: float, show_progress: bool, ranks: distributed.Ranks
+) -> SeedResult:
     resolved = cfg.model_dump()
     mem_ids = [t.id for t in pending]
     parent = st.current_adapter_id()  # read once: the parent recorded is the one trained on
+    if not ranks.main:  # rank 0's run folder
+        run, path = distributed.broadcast(ranks, None)
+        return _seed_run(cfg, h, st, pending, RunFolder(run, path), parent, t_start, show_progress, ranks)
     rf = find_resumable(h, st, "seed", resolved, mem_ids, {"parent": parent}) or start_run(
         h, st, "seed", resolved, mem_ids, {"parent": parent}
     )
+    distributed.broadcast(ranks, (rf.run, rf.path))
     with run_status(st, rf):
-        return _seed_run(cfg, h, st, pending, rf, parent, t_start, show_progress)
+        return _seed_run(cfg, h, st, pending, rf, parent, t_start, show_progress, ranks)
 
 
-def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, show_progress: bool) -> SeedResult:
+def _seed_run(
+    cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, show_progress: bool, ranks: distributed.Ranks
+) -> SeedResult:
     tr = cfg.training
     mem_ids = [t.id for t in pending]
     student_name = cfg.model_name(cfg.student)
@@ -208,21 +241,25 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
     # what the teacher sees beside an earlier memory when it rewrites its answers: the newer memories that
     # touch it among them (linked from the old memory's side; `related` only holds tonight's memories' links)
     old_related = link(olds, everyone, cfg.replay.max_related)
+    if not ranks.main:
+        distributed.barrier(ranks)  # rank 0 writes the data and picks the replay pool; the others read them
     examples, refreshed, fresh_probes = _teacher_data(
         cfg, h, st, rf, pending, olds, related, old_related, t_engine, t_tok, teacher_view
     )
-    if not (rf.path / "stored").exists():  # once per run: a resumed run does not store or re-check again
+    if ranks.main and not (rf.path / "stored").exists():  # once per run: a resumed run does not store again
         _store_data(st, rf.run.id, examples, refreshed, fresh_probes)
         _supersede(cfg, st, pending, touched, by_id, old_related, t_engine, t_tok, teacher_view, tr.seed)
         (rf.path / "stored").touch()
     pool = _replay_pool(cfg, st, rf, model, s_tok, held, mem_ids, by_id, touched, refreshed)
+    if ranks.main:
+        distributed.barrier(ranks)
     # the corrected memories' rewritten answers are tonight's news too, where the recipe says so
     tonight = [*examples, *refreshed] if cfg.replay.corrected == "tonight" else examples
     contexts = {
         tid: context(by_id[tid], link([by_id[tid]], everyone, cfg.replay.max_related))
         for tid in {*mem_ids, *pool, *(e.trace_id for e in tonight)}
     }
-    batches = NightBatches(tonight, pool, cfg.replay.fraction, tr.batch_size)
+    batches = distributed.shard(NightBatches(tonight, pool, cfg.replay.fraction, tr.batch_size), ranks)
     anchor = AnchorText(s_tok, cfg) if cfg.anchor.kl_coef > 0 else None
 
     steps = cfg.night_steps(len(pending))
@@ -237,7 +274,10 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
     engine_info: dict[str, Any] = {"engine": cfg.engine}
     if cfg.engine == "vllm":
         engine_info.update(start_s=s_engine.start_s, logprob_check=vllm_check(s_engine, model, s_tok, examples, cfg))
-    objective = SeedObjective(model, teacher_model, s_tok, t_tok, s_engine, cfg, contexts, batches, anchor, steps)
+    objective = SeedObjective(
+        model, teacher_model, s_tok, t_tok, s_engine, cfg, contexts, batches, anchor, steps,
+        forward=distributed.wrap(model, ranks),
+    )  # fmt: skip
     loop = train(
         model,
         batches,
@@ -248,13 +288,21 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
         seed=tr.seed,
         grad_clip=cfg.optim.grad_clip,
         start=start,
-        rf=rf,
+        rf=rf if ranks.main else None,  # rank 0 logs and checkpoints; every rank resumes from its checkpoints
         checkpoint_every=tr.checkpoint_every,
         label="seed",
         show_progress=show_progress,
     )
     if cfg.engine == "vllm":
         engine_info["timings"] = dict(s_engine.timings)
+    if not distributed.weights_agree(model, ranks):
+        raise SleepError(
+            f"the {ranks.world} processes ended with different adapters: nothing published",
+            hint="a bug: report it with the run folder",
+        )
+    if not ranks.main:
+        distributed.barrier(ranks)  # until rank 0 has published
+        return SeedResult(status="done", message=f"rank {ranks.rank} trained its share", run_id=rf.run.id)
     drift = kl_drift(model, s_tok, cfg)
     wall = time.time() - t_start
     peak = peak_memory_mb(next(model.parameters()).device)
@@ -271,6 +319,7 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
         "kl_drift": drift,
         "tokenizers": tok_match,
         "engine": engine_info,
+        "processes": ranks.world,
     }
     a = publish_adapter(
         h,
@@ -288,6 +337,7 @@ def _seed_run(cfg: Recipe, h, st: Store, pending, rf, parent, t_start: float, sh
     (rf.path / "summary.json").write_text(
         json.dumps({**metrics, "adapter_id": a.id, "adapter_version": a.version, "current": a.current}, indent=2)
     )
+    distributed.barrier(ranks)
     note = "" if a.current else " (not made current: the current adapter changed while it trained)"
     return SeedResult(
         status="done",

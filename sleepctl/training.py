@@ -162,7 +162,8 @@ def completion_logits(
         attn[i, P - len(p) : P + len(c)] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions as if each row started at column 0
     ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)
-    with bf16_compute(model, mixed_precision):
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    with bf16_compute(inner, mixed_precision):
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits[:, :T]
     mask = torch.arange(T).unsqueeze(0) < torch.tensor([len(c) for c in completions]).unsqueeze(1)
     return logits, mask.to(device)
