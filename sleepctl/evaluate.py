@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel
 from rich.console import Console
 
+from . import distributed
 from .adapters import attach_stack, lineage, stack_lora
 from .anchor import kl_drift
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
@@ -227,6 +228,7 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate an adapter (default: the current one). `keep_engines`: leave a vLLM engine running for the
     next job of this process. `show_progress`: say on stderr what it is doing (on a CPU, minutes)."""
+    distributed.refuse("eval")  # one process: only seed trains across several
     t0 = time.time()
 
     def step(what: str) -> None:

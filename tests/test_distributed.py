@@ -70,6 +70,7 @@ def test_two_processes_need_a_batch_to_share_and_seed_alone_trains_across_them(
         assert {t.status for t in st.traces()} == {"pending"} and st.adapters() == []
     from sleepctl.consolidate import consolidate
     from sleepctl.dream import dream
+    from sleepctl.evaluate import evaluate
     from sleepctl.seed import seed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -78,6 +79,8 @@ def test_two_processes_need_a_batch_to_share_and_seed_alone_trains_across_them(
     for job in (dream, consolidate):
         with pytest.raises(SleepError, match="runs on one process; only `seed` trains across several"):
             job(str(rcp), home=home)
+    with pytest.raises(SleepError, match="`eval` runs on one process"):
+        evaluate(home=home)
 
 
 def test_two_processes_killed_resume_from_rank_0s_checkpoint(tmp_path, tiny_dir, home, small_memories):
