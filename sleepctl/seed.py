@@ -274,10 +274,10 @@ def _seed_run(
     engine_info: dict[str, Any] = {"engine": cfg.engine}
     if cfg.engine == "vllm":
         engine_info.update(start_s=s_engine.start_s, logprob_check=vllm_check(s_engine, model, s_tok, examples, cfg))
+    forward = distributed.wrap(model, ranks)  # every gradient-carrying forward: through DDP on several ranks
     objective = SeedObjective(
-        model, teacher_model, s_tok, t_tok, s_engine, cfg, contexts, batches, anchor, steps,
-        forward=distributed.wrap(model, ranks),
-    )  # fmt: skip
+        model, teacher_model, s_tok, t_tok, s_engine, cfg, contexts, batches, anchor, steps, forward=forward
+    )
     loop = train(
         model,
         batches,
