@@ -33,8 +33,10 @@ import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +52,11 @@ SHAPES = {  # Qwen2.5 configurations (config.json of the released models)
     "1.5b": dict(
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2
     ),
+    # --student 7b: the shape agents are built on; its vocabulary is kept at the small models' 151,936 rows
+    # (the released 7B pads to 152,064) so one tokenizer serves the pair, and its embeddings are untied as there
+    "7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4
+    ),
 }
 TINY = {  # --tiny: the same code path at toy size, so a CPU test keeps this script working
     "0.5b": dict(
@@ -58,7 +65,11 @@ TINY = {  # --tiny: the same code path at toy size, so a CPU test keeps this scr
     "1.5b": dict(
         hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     ),
+    "7b": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
+PAIR = ("0.5b", "1.5b")  # the teacher and student shapes of the step, rollout and vLLM parts
 VOCAB = 151936
 DEVICE = "cuda"
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
@@ -134,7 +145,7 @@ def build_model(shape: str, tok, path: Path, seed: int, tiny: bool = False):
     cfg = Qwen2Config(
         vocab_size=4096 if tiny else VOCAB,  # the BPE above has at most 4096 entries
         max_position_embeddings=32768,
-        tie_word_embeddings=True,
+        tie_word_embeddings=shape != "7b",
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
@@ -370,37 +381,178 @@ def vllm_bench(model_dir: Path, student_peft, tok, rank: int, batches: list[int]
     return res
 
 
-def full_seed(t_dir: Path, s_dir: Path, n: int, engine: str, work: Path, steps: int | None, tiny: bool = False) -> dict:
-    from sleepctl import record
-    from sleepctl.seed import seed
+class GpuMemory:
+    """Peak memory.used of every GPU, sampled from nvidia-smi while a job runs: the trainers' and the vLLM
+    engine processes' together, which torch's own counter in one process does not see."""
 
-    home = work / f"home-{engine}"
-    src = work / "memories.jsonl"
-    src.write_text("".join(json.dumps({"text": m}) + "\n" for m in memories(n)))
+    def __init__(self, every_s: float = 0.5):
+        self.every_s, self.peak_mb = every_s, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> dict[int, float] | None:
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return {int(i): float(m) for i, m in (line.split(",") for line in out.strip().splitlines() if "," in line)}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = self._sample()
+            if got is None:
+                return
+            for i, m in got.items():
+                self.peak_mb[i] = max(m, self.peak_mb.get(i, 0.0))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> GpuMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def config_params(model_dir: Path, lora_r: int) -> dict:
+    """Parameter counts of a model folder's config, as `params` counts a loaded model (biases left out)."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # q k v o gate up down
+    return {
+        "body": layers * sum(i * o for i, o in shapes),
+        "head": h * c["vocab_size"],
+        "lora": layers * sum(lora_r * (i + o) for i, o in shapes),
+    }
+
+
+def seed_mfu(rows: list[dict], student: dict, teacher: dict, world: int, peak: float | None) -> dict:
+    """Matmul FLOPs of the training part of each step (rollouts excluded) over its time: the student's forward
+    and backward (input gradients through frozen weights, LoRA's weight gradients too) on every position that
+    carries a gradient (GKD, LTI, anchor), the teacher's and the anchor's no-grad reference forwards, the LM head
+    where it runs (completions; every anchor position). Attention is left out (a few % at these lengths).
+    Rank 0 logs its own share of each batch; the others' shares are the same size, so the total is world times
+    it. MFU is per GPU: total FLOPs / (time x GPUs x peak)."""
+    flops = secs = 0.0
+    for x in rows:
+        grad = x.get("train/student_tokens", 0) + x.get("train/lti_tokens", 0) + x.get("train/anchor_tokens", 0)
+        anchor = x.get("train/anchor_tokens", 0)
+        kept = x.get("train/tokens", 0)
+        f = (4 * student["body"] + 6 * student["lora"]) * grad + 4 * student["head"] * (kept + anchor)
+        f += 2 * teacher["body"] * x.get("train/teacher_tokens", 0) + 2 * teacher["head"] * kept
+        f += 2 * student["body"] * anchor + 2 * student["head"] * anchor
+        flops += f * world
+        secs += x["step_s"] - (x.get("rollout_s") or 0.0)
+    return {
+        "train_tflops_per_gpu": flops / secs / world / 1e12 if secs else None,
+        "mfu": flops / secs / world / (peak * 1e12) if secs and peak else None,
+    }
+
+
+def full_seed(
+    t_dir: Path | None,
+    s_dir: Path | None,
+    n: int,
+    engine: str,
+    work: Path,
+    steps: int | None,
+    gpus: int = 1,
+    tiny: bool = False,
+    sets: tuple[str, ...] = (),
+    peak: float | None = None,
+) -> dict:
+    """`sleepctl seed` of N memories as a user runs it, in a process of its own (one GPU) or under torchrun
+    (several): engine starts, teacher data and the training loop all counted. No model folders: the real pair
+    and real memories (examples/ and the nights sets)."""
+    from sleepctl import record
+
+    real = s_dir is None
+    home = work / f"home-{engine}-{gpus}gpu-{'real' if real else s_dir.name}"
+    shutil.rmtree(home, ignore_errors=True)
+    src = work / f"memories-{n}{'-real' if real else ''}.jsonl"
+    lines = [json.dumps(r) for r in night_memories(n)] if real else [json.dumps({"text": m}) for m in memories(n)]
+    src.write_text("".join(x + "\n" for x in lines))
     record([src], home=home)
-    ov = {"profiles.small.model": str(t_dir), "profiles.large.model": str(s_dir), "engine": engine}
+    ov = {"engine": engine}
+    if not real:
+        ov.update({"profiles.small.model": str(t_dir), "profiles.large.model": str(s_dir)})
     if steps:
         ov["training.max_steps"] = steps
     if tiny:
         ov.update({"training.device": DEVICE, "eval.judge": "none", "loss.gamma": 0.0, "data.max_new_tokens": 8})
+    args = ["seed", "--recipe", "qwen-small-large", "--teacher", "small", "--student", "large", "--home", str(home)]
+    args += [x for k, v in ov.items() for x in ("--set", f"{k}={v}")] + [x for kv in sets for x in ("--set", kv)]
+    cmd = [sys.executable, "-m", "sleepctl", *args, "--json"]
+    if gpus > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_addr"]
+        cmd += ["127.0.0.1", "--master_port", str(free_port()), "-m", "sleepctl", *args, "--json"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     t0 = time.time()
-    r = seed("qwen-small-large", home=home, teacher="small", student="large", overrides=ov, show_progress=False)
+    with GpuMemory() as mem:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
-    rows = [json.loads(x) for x in (Path(r.run_dir) / "metrics.jsonl").read_text().split("\n") if x.strip()]
-    summary = json.loads((Path(r.run_dir) / "summary.json").read_text())
+    (work / f"{home.name}.log").write_text(proc.stderr)
+    if proc.returncode != 0:
+        return {"engine": engine, "gpus": gpus, "memories": n, "failed": proc.stderr[-3000:]}
+    r = json.loads(proc.stdout)
+    run_dir = Path(r["run_dir"])
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x.strip()]
+    summary = json.loads((run_dir / "summary.json").read_text())
     ro = [x["rollout/tokens_per_s"] for x in rows if x.get("rollout/tokens_per_s")]
-    return {
+    loop_s = sum(x["step_s"] for x in rows)
+    import yaml
+
+    batch = yaml.safe_load((run_dir / "recipe.yaml").read_text())["training"]["batch_size"]
+    models = {
+        "teacher": t_dir if t_dir else _resolved("qwen2.5-coder-0.5b"),
+        "student": s_dir if s_dir else _resolved("qwen2.5-coder-1.5b"),
+    }
+    res = {
         "engine": engine,
+        "gpus": gpus,
+        "models": "real pair" if real else f"random {t_dir.name} -> {s_dir.name}",
         "memories": n,
-        "steps": r.steps,
+        "steps": r["steps"],
+        "batch_size": batch,
         "examples": summary.get("examples"),
         "wall_s": wall,
-        "training_loop_s": sum(x["step_s"] for x in rows),
+        "training_loop_s": loop_s,
+        "steps_per_s": len(rows) / loop_s if loop_s else None,
+        "sequences_per_s": len(rows) * batch / loop_s if loop_s else None,
         "rollout_tokens_per_s_mean": sum(ro) / len(ro) if ro else None,
         "train_s_per_step_mean": sum(x["step_s"] - (x.get("rollout_s") or 0.0) for x in rows) / len(rows),
-        "peak_memory_mb": r.peak_memory_mb,
+        "rollout_s_per_step_mean": sum(x.get("rollout_s") or 0.0 for x in rows) / len(rows),
+        "peak_memory_mb": r.get("peak_memory_mb"),
+        "trainer_peak_memory_mb_per_rank": summary.get("peak_memory_mb_per_rank", [summary.get("peak_memory_mb")]),
+        "gpu_peak_memory_mb": mem.peak_mb,  # nvidia-smi: trainers and engine processes, every GPU of the machine
         "engine_info": summary.get("engine"),
     }
+    s_cfg = config_params(models["student"], 32)
+    t_cfg = config_params(models["teacher"], 0)
+    res.update(seed_mfu(rows, s_cfg, t_cfg, gpus, peak))
+    res["params"] = {"student": s_cfg, "teacher": t_cfg}
+    return res
+
+
+def _resolved(alias: str) -> Path:
+    from sleepctl.models import resolve
+
+    return Path(resolve(alias).path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def night_memories(n: int) -> list[dict]:
@@ -496,6 +648,19 @@ def main() -> None:
         help="what to measure: hf (HF generate), train (seed step variants), vllm, seed (a full seed on random "
         "weights), night (a full night of the real pair: needs the offline models and vLLM)",
     )
+    ap.add_argument(
+        "--gpus",
+        default="1",
+        help="processes (one per GPU) of the full seed, e.g. 1,2: one run per count, several through torchrun",
+    )
+    ap.add_argument("--student", choices=sorted(SHAPES), default="1.5b", help="student shape of the full seed")
+    ap.add_argument(
+        "--seed-models",
+        choices=["random", "real"],
+        default="random",
+        help="full seed on random weights of the shapes, or on the real pair and real memories (offline models)",
+    )
+    ap.add_argument("--seed-set", action="append", default=[], help="recipe override for the full seed (k=v)")
     ap.add_argument("--night-memories", type=int, default=100)
     ap.add_argument("--night-set", action="append", default=[], help="recipe override for the real night (k=v)")
     args = ap.parse_args()
@@ -548,8 +713,18 @@ def main() -> None:
         path.write_text(json.dumps(res, indent=2))
 
     tok = build_tokenizer(memories(max(args.memories, 200)), work / "tok")
+    try:
+        gpu_counts = sorted({int(x) for x in args.gpus.split(",")})
+    except ValueError:
+        gpu_counts = [0]
+    if min(gpu_counts) < 1 or (DEVICE == "cuda" and max(gpu_counts) > torch.cuda.device_count()):
+        print(
+            f"gpu_bench: --gpus {args.gpus}: counts from 1 to the {torch.cuda.device_count()} GPUs here",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     dirs = {k: work / k for k in SHAPES}
-    models = {k: build_model(k, tok, dirs[k], seed=i, tiny=args.tiny) for i, k in enumerate(SHAPES)}
+    models = {k: build_model(k, tok, dirs[k], seed=i, tiny=args.tiny) for i, k in enumerate(PAIR)}
     new = 8 if args.tiny else args.new_tokens
     res["new_tokens"] = new
     res["params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
@@ -607,12 +782,20 @@ def main() -> None:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     res["full_seed"] = []
+    if "seed" in parts and args.seed_models == "random" and args.student not in PAIR:
+        build_model(args.student, tok, dirs[args.student], seed=2, tiny=args.tiny)  # on disk is enough: let it go
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     for e in engines if "seed" in parts else ():
-        say(f"full seed on {args.memories} memories, engine {e}…")
-        res["full_seed"].append(
-            full_seed(dirs["0.5b"], dirs["1.5b"], args.memories, e, work, args.seed_steps, tiny=args.tiny)
-        )
-        say(f"full seed, engine {e}: {res['full_seed'][-1]['wall_s']:.0f} s")
+        for g in gpu_counts:
+            say(f"full seed on {args.memories} memories, engine {e}, {g} GPU(s)…")
+            t_dir, s_dir = (None, None) if args.seed_models == "real" else (dirs["0.5b"], dirs[args.student])
+            one = full_seed(t_dir, s_dir, args.memories, e, work, args.seed_steps, g, args.tiny, args.seed_set, peak)
+            res["full_seed"].append(one)
+            if "failed" in one:
+                say(f"full seed, engine {e}, {g} GPU(s) failed:\n{one['failed']}")
+                continue
+            say(f"full seed, engine {e}, {g} GPU(s): {one['wall_s']:.0f} s, loop {one['training_loop_s']:.0f} s")
     if "night" in parts:
         say(f"a full night of the real pair on {args.night_memories} memories…")
         res["full_night"] = full_night(args.night_memories, work, parse_overrides(args.night_set))
@@ -667,10 +850,36 @@ def print_table(res: dict) -> None:
         t.add_row(
             f"teacher scoring tok/s, batch {r['batch']}, {r['variant']}", f"{r['teacher_scoring_tokens_per_s']:,.0f}"
         )
+    one_gpu = {(s["engine"], s.get("models")): s for s in res["full_seed"] if s.get("gpus") == 1 and "failed" not in s}
     for s in res["full_seed"]:
+        what = f"full seed, {s.get('models', '')}, {s['memories']} memories, engine {s['engine']}, {s['gpus']} GPU"
+        if "failed" in s:
+            t.add_row(what, "failed (see the JSON)")
+            continue
+        mfu = "-" if s.get("mfu") is None else f"{s['mfu']:.1%}"
         t.add_row(
-            f"full seed, {s['memories']} memories, {s['steps']} steps, engine {s['engine']}",
-            f"{s['wall_s']:.0f} s (loop {s['training_loop_s']:.0f} s)",
+            what + f", {s['steps']} steps of {s['batch_size']}",
+            f"{s['wall_s']:.0f} s (loop {s['training_loop_s']:.0f} s, {s['sequences_per_s']:.1f} seq/s, MFU {mfu})",
+        )
+        base = one_gpu.get((s["engine"], s.get("models")))
+        if base is not None and s["gpus"] > 1:
+            t.add_row(
+                f"  training-loop throughput, {s['gpus']} GPUs against 1",
+                f"{s['sequences_per_s'] / base['sequences_per_s']:.2f}x",
+            )
+        t.add_row(
+            "  per step: rollouts / the rest; rollout tok/s",
+            f"{s['rollout_s_per_step_mean'] * 1000:.0f} ms / {s['train_s_per_step_mean'] * 1000:.0f} ms; "
+            + ("-" if s["rollout_tokens_per_s_mean"] is None else f"{s['rollout_tokens_per_s_mean']:,.0f}"),
+        )
+        gpu = s.get("gpu_peak_memory_mb") or {}
+        ranks = [x for x in s.get("trainer_peak_memory_mb_per_rank") or [] if x is not None]
+        t.add_row(
+            "  peak memory: per GPU (nvidia-smi, engines included) / trainers (torch)",
+            (" + ".join(f"{v / 1024:.1f}" for _, v in sorted(gpu.items())) or "-")
+            + " GB / "
+            + (" + ".join(f"{v / 1024:.1f}" for v in ranks) or "-")
+            + " GB",
         )
     if "full_night" in res:
         n = res["full_night"]

@@ -7,6 +7,9 @@ wait for its data and read it from the run folder. Every rank trains the same ad
 step's batch, and PyTorch's DistributedDataParallel averages the gradients (every forward that carries a
 gradient must go through its wrapper: a forward through the bare module trains, but the ranks drift apart).
 One process (no torchrun) is the plain path: nothing here does anything.
+
+With `engine: vllm` every rank starts its own engines on its own GPU (the recipe's `distributed.rollouts:
+colocate`): `engine_env` hides the other GPUs and torchrun's variables from the engine process while it starts.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,9 +66,62 @@ def setup(device: str = "auto") -> Ranks:
                 hint="start at most one process per GPU (torchrun --nproc_per_node)",
             )
         torch.cuda.set_device(r.local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # the other ranks wait at a barrier while rank 0 writes the teacher data: minutes for a large night, past
+    # NCCL's default ten-minute watchdog
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=WAIT_MINUTES))
     atexit.register(close, r)  # the group lives as long as the process: a Python caller may seed again
     return r
+
+
+WAIT_MINUTES = 120
+
+# what torchrun sets for its workers: a vLLM engine process that inherits them takes itself for a rank of a
+# larger group (vLLM reads LOCAL_RANK, and its external launcher mode is keyed on these)
+TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+@contextmanager
+def engine_env() -> Iterator[None]:
+    """While an engine process starts under torchrun: it sees only this rank's GPU (as its device 0) and none of
+    torchrun's variables, so each rank's vLLM engine lands beside its own trainer. One process: no change."""
+    r = from_env()
+    if not r.active:
+        yield
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in visible.split(",")] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if r.local_rank >= len(gpus):
+        raise SleepError(
+            f"local rank {r.local_rank} has no GPU of its own for its engine ({len(gpus)} visible)",
+            hint="start at most one process per GPU (torchrun --nproc_per_node)",
+        )
+    hidden = [k for k in os.environ if k in TORCHRUN_VARS or k.startswith("TORCHELASTIC_")]
+    changed = ["CUDA_VISIBLE_DEVICES", "VLLM_ENABLE_V1_MULTIPROCESSING", *hidden]
+    saved = {k: os.environ.get(k) for k in changed}  # only what this changes goes back
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[r.local_rank]
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # an engine inside this process would keep every GPU
+    for k in hidden:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def refuse(job: str) -> None:
@@ -98,6 +157,15 @@ def wrap(model, r: Ranks):
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def gather(r: Ranks, obj) -> list:
+    """Every rank's `obj`, in rank order (one process: [obj])."""
+    if not r.active:
+        return [obj]
+    got: list = [None] * r.world
+    dist.all_gather_object(got, obj)
+    return got
+
+
 def shard(batches, r: Ranks):
     """A batch source that gives each rank its share of every step's batch (rank k: items k, k + N, ...)."""
     if not r.active:
@@ -112,9 +180,7 @@ def weights_agree(model, r: Ranks) -> bool:
     h = hashlib.sha256()
     for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
         h.update(p.detach().float().cpu().numpy().tobytes())
-    got: list = [None] * r.world
-    dist.all_gather_object(got, h.hexdigest())
-    return len(set(got)) == 1
+    return len(set(gather(r, h.hexdigest()))) == 1
 
 
 def close(r: Ranks) -> None:

@@ -216,6 +216,9 @@ class SeedObjective:
             loss = loss + lc.alpha * kd
             m["train/kd_loss"] = kd.item()
             m["train/tokens"] = int(mask.sum())
+            # positions through each model, prompt included: what a FLOPs count (gpu_bench's MFU) needs
+            m["train/student_tokens"] = sum(len(a) + len(y) for a, y in zip(s_ids, ys))
+            m["train/teacher_tokens"] = sum(len(a) + len(y) for a, y in zip(t_ids, ys))
         if lc.alpha < 1:
             lti, info = self._lti(plan, got)
             loss = loss + (1 - lc.alpha) * lti
@@ -246,6 +249,7 @@ class SeedObjective:
         logps = sequence_logps(logits, labels_tensor(got.lti_completions, device))
         loss = policy_gradient_loss(logps, adv.to(device), mask)
         return loss, {
+            "train/lti_tokens": sum(len(a) + len(y) for a, y in zip(got.lti_prompt_ids, got.lti_completions)),
             "reward/mean": rewards.mean().item(),
             "reward/r_abs": r_abs.mean().item(),
             "reward/r_sem": r_sem.mean().item(),

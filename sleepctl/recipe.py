@@ -249,6 +249,22 @@ class VLLM(Strict):
     check_sequences: int = Field(4, ge=1, le=64, description="sequences scored by the start-up check")
 
 
+class Distributed(Strict):
+    """How `seed` runs under torchrun (several processes); one process ignores it. What is built is named here,
+    so a run's saved recipe says how it was trained."""
+
+    strategy: Literal["ddp"] = Field(
+        "ddp",
+        description="ddp: every rank holds the whole student and trains its share of each batch; gradients are "
+        "averaged by DistributedDataParallel (a 7B student in bf16 fits an 80 GB GPU this way)",
+    )
+    rollouts: Literal["colocate"] = Field(
+        "colocate",
+        description="with engine: vllm, each rank starts its own student engine on its own GPU beside its trainer "
+        "(vllm.gpu_memory_utilization of that GPU); the teacher's engine runs on rank 0, which writes the data",
+    )
+
+
 class Recipe(Strict):
     description: str = ""
     profiles: dict[str, Profile]
@@ -266,6 +282,7 @@ class Recipe(Strict):
     replay: Replay = Replay()
     anchor: Anchor = Anchor()
     consolidate: Consolidate = Consolidate()
+    distributed: Distributed = Distributed()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -108,11 +108,6 @@ def check_ranks(cfg: Recipe, ranks: distributed.Ranks) -> None:
     """What several processes (torchrun) need, said before anything loads."""
     if not ranks.active:
         return
-    if cfg.engine == "vllm":
-        raise RecipeError(
-            "engine: vllm does not run under several processes yet (each rank would start its engines on one GPU)",
-            hint="use --set engine=hf with torchrun, or one process with vLLM",
-        )
     if cfg.training.batch_size < ranks.world:
         raise RecipeError(
             f"training.batch_size {cfg.training.batch_size} is smaller than the {ranks.world} processes",
@@ -143,12 +138,15 @@ def load_teacher(recipe: Recipe, student_tok):
     return model, tok, match
 
 
-def engines_for(cfg: Recipe, h, s_model, s_tok, t_model, t_tok, lora_rank: int):
-    """(teacher engine, student engine). With vLLM, a 'self' teacher is the student's engine with no adapter."""
+def engines_for(cfg: Recipe, h, s_model, s_tok, t_model, t_tok, lora_rank: int, teacher: bool = True):
+    """(teacher engine, student engine). With vLLM, a 'self' teacher is the student's engine with no adapter.
+    `teacher` False: no teacher engine (ranks other than 0 read rank 0's teacher data)."""
     s_name = cfg.model_name(cfg.student)
     s_eng = rollout_engine(cfg, s_model, s_tok, resolve(s_name).path if cfg.engine == "vllm" else None, lora_rank, h)
     if t_model is None:
         return s_eng, s_eng
+    if not teacher and cfg.engine == "vllm":
+        return None, s_eng
     t_dir = resolve(cfg.model_name(cfg.teacher)).path if cfg.engine == "vllm" else None
     return rollout_engine(cfg, t_model, t_tok, t_dir, None, h, teacher=True), s_eng
 
@@ -231,7 +229,9 @@ def _seed_run(
     t_model, t_tok, tok_match = load_teacher(cfg, s_tok)
     model = add_lora(base, cfg.lora, stack, fused=tr.fused_lora)
     teacher_model = t_model if t_model is not None else model
-    t_engine, s_engine = engines_for(cfg, h, model, s_tok, t_model, t_tok, lora_capacity(cfg, len(stack)))
+    t_engine, s_engine = engines_for(
+        cfg, h, model, s_tok, t_model, t_tok, lora_capacity(cfg, len(stack)), teacher=ranks.main
+    )
     s_engine.frozen = stack_lora(stack)
 
     # the teacher answers with no adapter: a 'self' teacher is the student with its adapters off
@@ -300,12 +300,13 @@ def _seed_run(
             f"the {ranks.world} processes ended with different adapters: nothing published",
             hint="a bug: report it with the run folder",
         )
+    peaks = distributed.gather(ranks, peak_memory_mb(next(model.parameters()).device))  # the trainers' own
     if not ranks.main:
         distributed.barrier(ranks)  # until rank 0 has published
         return SeedResult(status="done", message=f"rank {ranks.rank} trained its share", run_id=rf.run.id)
     drift = kl_drift(model, s_tok, cfg)
     wall = time.time() - t_start
-    peak = peak_memory_mb(next(model.parameters()).device)
+    peak = peaks[0]
     metrics = {
         "steps": steps,
         "final_loss": loop.last.get("loss"),
@@ -321,6 +322,8 @@ def _seed_run(
         "engine": engine_info,
         "processes": ranks.world,
     }
+    if ranks.active:
+        metrics["peak_memory_mb_per_rank"] = peaks
     a = publish_adapter(
         h,
         st,

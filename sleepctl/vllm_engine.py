@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import engine_env
 from .engines import Rollouts
 from .errors import ModelError
 from .recipe import VLLM
@@ -136,7 +137,8 @@ class VLLMEngine:
         torch.cuda.empty_cache()
         t0 = time.time()
         try:
-            self.llm = LLM(model=str(model_dir), **engine_kwargs(cfg, lora_rank, seed))
+            with engine_env():  # under torchrun: this rank's GPU, not every rank's first one
+                self.llm = LLM(model=str(model_dir), **engine_kwargs(cfg, lora_rank, seed))
         except Exception as e:  # noqa: BLE001 - vLLM fails in many ways; one message names the model
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise ModelError(

@@ -74,8 +74,8 @@ def test_two_processes_need_a_batch_to_share_and_seed_alone_trains_across_them(
     from sleepctl.seed import seed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RecipeError, match="engine: vllm does not run under several processes"):
-        seed(str(rcp), home=home, overrides={"engine": "vllm", "training.batch_size": 2})
+    with pytest.raises(RecipeError, match="distributed.strategy"):  # what is not built is refused by name
+        seed(str(rcp), home=home, overrides={"distributed.strategy": "fsdp", "training.batch_size": 2})
     for job in (dream, consolidate):
         with pytest.raises(SleepError, match="runs on one process; only `seed` trains across several"):
             job(str(rcp), home=home)
@@ -106,3 +106,29 @@ def test_two_processes_killed_resume_from_rank_0s_checkpoint(tmp_path, tiny_dir,
     assert res["resumed_from"] >= 4 and res["adapter_version"] == 1
     with open_store(home) as st:
         assert len(st.runs()) == 1 and st.runs()[0].status == "done"
+
+
+def test_an_engine_starts_with_its_ranks_gpu_alone_and_without_torchruns_variables(monkeypatch):
+    """vLLM's engine process inherits the environment: under torchrun it must see this rank's GPU as its only
+    one, and no RANK / LOCAL_RANK that would make it take itself for a rank of a larger group."""
+    from sleepctl.distributed import engine_env
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "29500"}
+    for k, v in {**env, "CUDA_VISIBLE_DEVICES": "4,6", "TORCHELASTIC_RUN_ID": "x", "KEEP": "me"}.items():
+        monkeypatch.setenv(k, v)
+    with engine_env():
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "6" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+        assert not any(k in os.environ for k in [*env, "TORCHELASTIC_RUN_ID"]) and os.environ["KEEP"] == "me"
+        os.environ["SET_BY_THE_ENGINE"] = "1"  # what the engine sets for itself stays
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,6" and os.environ["RANK"] == "3"
+    assert os.environ["TORCHELASTIC_RUN_ID"] == "x" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    assert os.environ.pop("SET_BY_THE_ENGINE") == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")  # two ranks on one visible GPU: refused, nothing changed
+    with pytest.raises(SleepError, match="local rank 1 has no GPU of its own"):
+        with engine_env():
+            pass
+    assert os.environ["RANK"] == "3"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing changes
+    with engine_env():
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "4" and os.environ["RANK"] == "3"
