@@ -501,8 +501,8 @@ def full_seed(
     (work / f"{home.name}.log").write_text(proc.stderr)
     if proc.returncode != 0:
         return {"engine": engine, "gpus": gpus, "memories": n, "failed": proc.stderr[-3000:]}
-    r = json.loads(proc.stdout)
-    run_dir = Path(r["run_dir"])
+    # the run from the home, not from stdout: vLLM logs to stdout too, ahead of --json's object
+    run_dir = next((home / "runs").glob("seed_*/summary.json")).parent
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x.strip()]
     summary = json.loads((run_dir / "summary.json").read_text())
     ro = [x["rollout/tokens_per_s"] for x in rows if x.get("rollout/tokens_per_s")]
@@ -519,7 +519,7 @@ def full_seed(
         "gpus": gpus,
         "models": "real pair" if real else f"random {t_dir.name} -> {s_dir.name}",
         "memories": n,
-        "steps": r["steps"],
+        "steps": summary["steps"],
         "batch_size": batch,
         "examples": summary.get("examples"),
         "wall_s": wall,
@@ -529,7 +529,7 @@ def full_seed(
         "rollout_tokens_per_s_mean": sum(ro) / len(ro) if ro else None,
         "train_s_per_step_mean": sum(x["step_s"] - (x.get("rollout_s") or 0.0) for x in rows) / len(rows),
         "rollout_s_per_step_mean": sum(x.get("rollout_s") or 0.0 for x in rows) / len(rows),
-        "peak_memory_mb": r.get("peak_memory_mb"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
         "trainer_peak_memory_mb_per_rank": summary.get("peak_memory_mb_per_rank", [summary.get("peak_memory_mb")]),
         "gpu_peak_memory_mb": mem.peak_mb,  # nvidia-smi: trainers and engine processes, every GPU of the machine
         "engine_info": summary.get("engine"),
