@@ -68,8 +68,7 @@ def setup(device: str = "auto") -> Ranks:
         torch.cuda.set_device(r.local_rank)
     # the other ranks wait at a barrier while rank 0 writes the teacher data: minutes for a large night, past
     # NCCL's default ten-minute watchdog
-    kw = {"device_id": torch.device("cuda", r.local_rank)} if cuda else {}  # barriers know their GPU
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=WAIT_MINUTES), **kw)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=WAIT_MINUTES))
     atexit.register(close, r)  # the group lives as long as the process: a Python caller may seed again
     return r
 
