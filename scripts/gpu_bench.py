@@ -674,6 +674,18 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    try:
+        gpu_counts = sorted({int(x) for x in args.gpus.split(",")})
+    except ValueError:
+        gpu_counts = [0]
+    if min(gpu_counts) < 1 or (DEVICE == "cuda" and max(gpu_counts) > torch.cuda.device_count()):
+        print(
+            f"gpu_bench: --gpus {args.gpus}: give process counts from 1"
+            + (f" to the {torch.cuda.device_count()} GPUs here" if DEVICE == "cuda" else "")
+            + ", comma-separated (1,2)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     from peft import LoraConfig, get_peft_model
 
     from sleepctl.recipe import parse_overrides
@@ -713,16 +725,6 @@ def main() -> None:
         path.write_text(json.dumps(res, indent=2))
 
     tok = build_tokenizer(memories(max(args.memories, 200)), work / "tok")
-    try:
-        gpu_counts = sorted({int(x) for x in args.gpus.split(",")})
-    except ValueError:
-        gpu_counts = [0]
-    if min(gpu_counts) < 1 or (DEVICE == "cuda" and max(gpu_counts) > torch.cuda.device_count()):
-        print(
-            f"gpu_bench: --gpus {args.gpus}: counts from 1 to the {torch.cuda.device_count()} GPUs here",
-            file=sys.stderr,
-        )
-        sys.exit(2)
     dirs = {k: work / k for k in SHAPES}
     models = {k: build_model(k, tok, dirs[k], seed=i, tiny=args.tiny) for i, k in enumerate(PAIR)}
     new = 8 if args.tiny else args.new_tokens

@@ -65,18 +65,24 @@ def test_bench_seeds_give_mean_and_spread(tmp_path, tiny_dir, small_memories):
 def test_gpu_bench_runs_at_toy_size(tmp_path):
     """`--tiny` runs the GPU benchmark's whole code path at toy shapes (on CPU here): it keeps working."""
     out = tmp_path / "gpu"
-    r = script(
-        "gpu_bench.py", "--tiny", "--memories", "3", "--seed-steps", "2", "--seed-engines", "hf", "--out", str(out)
-    )
+    args = ("--tiny", "--memories", "3", "--seed-steps", "2", "--seed-engines", "hf", "--out", str(out))
+    r = script("gpu_bench.py", *args, "--gpus", "1,2")
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     res = json.loads(next(out.glob("gpu-bench-*.json")).read_text())
     assert set(res["hf_rollouts"]) == {"0.5b", "1.5b"}
     assert all(v > 0 for x in res["hf_rollouts"].values() for v in x.values())
     assert [s["variant"] for s in res["train_step"]] == ["before", "head", "bf16", "fused"]
     assert all(s["trained_tokens_per_s"] > 0 and s["teacher_scoring_tokens_per_s"] > 0 for s in res["train_step"])
-    (seed,) = res["full_seed"]
-    assert seed["engine"] == "hf" and seed["steps"] == 2 and seed["memories"] == 3 and seed["wall_s"] > 0
-    assert "seed step" in r.stdout.decode() and "full seed" in r.stdout.decode()
+    one, two = res["full_seed"]  # the same seed in one process, then in two under torchrun
+    assert [one["gpus"], two["gpus"]] == [1, 2] and one["examples"] == two["examples"]
+    for seed in (one, two):
+        assert seed["engine"] == "hf" and seed["steps"] == 2 and seed["memories"] == 3 and seed["wall_s"] > 0
+        assert seed["sequences_per_s"] > 0 and seed["train_tflops_per_gpu"] > 0
+    assert len(two["trainer_peak_memory_mb_per_rank"]) == 2
+    text = r.stdout.decode()
+    assert "seed step" in text and "full seed" in text and "2 GPUs against 1" in text
+    bad = script("gpu_bench.py", *args, "--gpus", "0,x", timeout=120)
+    assert bad.returncode == 2 and b"--gpus 0,x: give process counts from 1" in bad.stderr
 
 
 def test_gpu_bench_refuses_a_machine_without_cuda(tmp_path):
