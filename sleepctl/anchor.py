@@ -16,7 +16,7 @@ from .general_text import anchor_paragraphs, drift_items
 from .losses import generalized_jsd_loss
 from .prompts import render
 from .recipe import Recipe
-from .training import bf16_compute, completion_logits, pad_right
+from .training import completion_logits
 
 
 class AnchorText:
@@ -35,17 +35,28 @@ class AnchorText:
     def batch(self, rng: random.Random) -> list[list[int]]:
         return [self.ids(i) for i in rng.sample(range(len(self.texts)), self.cfg.batch_size)]
 
+    def rows(self, seqs: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        """The paragraphs as `completion_logits` rows: the first token as the prompt, the rest scored. In this
+        form they share one forward with the seed's other student passes (`training.merge_forwards`)."""
+        keep = [s for s in seqs if len(s) > 1]
+        return [s[:1] for s in keep], [s[1:] for s in keep]
+
+    def base_logits(self, model, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+        """The target: the same model with every adapter off."""
+        with torch.no_grad(), model.disable_adapter():
+            return completion_logits(model, prompts, completions, self.tok.pad_token_id)[0]
+
+    @staticmethod
+    def kl(student: torch.Tensor, base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return generalized_jsd_loss(student, base.to(student.dtype), mask, beta=0.0)
+
     def loss(self, model, seqs: list[list[int]], forward=None) -> tuple[torch.Tensor, int]:
         """KL(base || student) per token over the paragraphs; the base is the same model, adapters off.
         `forward`: what the student's forward goes through (DDP's wrapper on several processes)."""
-        device = next(model.parameters()).device
-        ids, mask = pad_right(seqs, self.tok.pad_token_id, device)
-        with torch.no_grad(), model.disable_adapter(), bf16_compute(model):
-            base = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        with bf16_compute(model):
-            student = (forward or model)(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        m = mask[:, 1:].bool()
-        return generalized_jsd_loss(student, base.to(student.dtype), m, beta=0.0), int(m.sum())
+        prompts, completions = self.rows(seqs)
+        base = self.base_logits(model, prompts, completions)
+        student, mask = completion_logits(forward or model, prompts, completions, self.tok.pad_token_id)
+        return self.kl(student, base, mask), int(mask.sum())
 
 
 @torch.no_grad()

@@ -194,46 +194,70 @@ class SeedObjective:
             m["rollout/tokens_per_s"] = got.tokens / got.seconds if got.tokens else None
         t0 = time.time()
         loss = torch.zeros((), device=device)
+        pad = self.s_tok.pad_token_id
+        # the student's gradient-carrying passes, as rows of (prompts, completions)
+        parts: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
         if lc.alpha > 0:
             ys = got.ys if plan.on_policy else plan.ys
             s_ids = [self.prompt_ids(e) for e in batch]
             t_ids = [self.prompt_ids(e, teacher=True) for e in batch]
+            parts["kd"] = (s_ids, ys)
+            # positions through each model, prompt included: what a FLOPs count (gpu_bench's MFU) needs
+            m["train/student_tokens"] = sum(len(a) + len(y) for a, y in zip(s_ids, ys))
+            m["train/teacher_tokens"] = sum(len(a) + len(y) for a, y in zip(t_ids, ys))
+        if lc.alpha < 1:
+            adv, info = self._lti_advantages(plan, got)
+            m.update(info)
+            parts["lti"] = (got.lti_prompt_ids, got.lti_completions)
+            m["train/lti_tokens"] = sum(len(a) + len(y) for a, y in zip(*parts["lti"]))
+            m["train/lti_completion_tokens"] = sum(len(y) for y in got.lti_completions)
+        anchored = False
+        if self.anchor is not None and self.cfg.anchor.kl_coef > 0:
+            parts["anchor"] = self.anchor.rows(self.anchor.batch(rng))
+            anchored = bool(parts["anchor"][0])
+            if anchored:
+                base = self.anchor.base_logits(self.model, *parts["anchor"])
+        if lc.alpha > 0:
             ctx = self.model.disable_adapter() if self.self_teacher else nullcontext()
             with torch.no_grad(), ctx:
-                t_logits, _ = completion_logits(self.teacher, t_ids, ys, self.s_tok.pad_token_id)
-            s_logits, mask = completion_logits(self.forward, s_ids, ys, self.s_tok.pad_token_id)
+                t_logits, _ = completion_logits(self.teacher, t_ids, ys, pad)
+        student = student_logits(self.forward, parts, pad, merge=self.cfg.training.merge_forwards)
+        if lc.alpha > 0:
+            s_logits, mask = student.pop("kd")  # each part's logits go as soon as its loss is built
             kd = divergence(lc.divergence, s_logits, t_logits.to(s_logits.dtype), mask, lc.beta)
             del t_logits
             if self.extra_teacher is not None:
                 make_ctx, coef = self.extra_teacher
                 with torch.no_grad(), make_ctx():
-                    x_logits, _ = completion_logits(self.model, s_ids, ys, self.s_tok.pad_token_id)
+                    x_logits, _ = completion_logits(self.model, s_ids, ys, pad)
                 xkd = divergence(lc.divergence, s_logits, x_logits.to(s_logits.dtype), mask, lc.beta)
                 kd = kd + coef * xkd
                 m["train/stack_kd_loss"] = xkd.item()
                 del x_logits
-            del s_logits
             loss = loss + lc.alpha * kd
             m["train/kd_loss"] = kd.item()
             m["train/tokens"] = int(mask.sum())
-            # positions through each model, prompt included: what a FLOPs count (gpu_bench's MFU) needs
-            m["train/student_tokens"] = sum(len(a) + len(y) for a, y in zip(s_ids, ys))
-            m["train/teacher_tokens"] = sum(len(a) + len(y) for a, y in zip(t_ids, ys))
+            del s_logits
         if lc.alpha < 1:
-            lti, info = self._lti(plan, got)
+            logits, mask = student.pop("lti")
+            logps = sequence_logps(logits, labels_tensor(got.lti_completions, device))
+            del logits
+            lti = policy_gradient_loss(logps, adv.to(device), mask)
             loss = loss + (1 - lc.alpha) * lti
             m["train/lti_loss"] = lti.item()
-            m.update(info)
-        if self.anchor is not None and self.cfg.anchor.kl_coef > 0:
-            kl, n = self.anchor.loss(self.model, self.anchor.batch(rng), forward=self.forward)
+        if anchored:
+            a_logits, a_mask = student.pop("anchor")
+            kl = self.anchor.kl(a_logits, base, a_mask)
+            del a_logits, base
             loss = loss + self.cfg.anchor.kl_coef * kl
             m["train/anchor_kl"] = kl.item()
-            m["train/anchor_tokens"] = n
+            m["train/anchor_tokens"] = int(a_mask.sum())
         m["forward_s"] = time.time() - t0
         return loss, m
 
-    def _lti(self, plan: Plan, got: Sampled) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Learning to Imitate: reward the continuations against the teacher's words; policy gradient."""
+    def _lti_advantages(self, plan: Plan, got: Sampled) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Learning to Imitate: reward the continuations against the teacher's words; group-relative advantages
+        for the policy gradient."""
         lc = self.cfg.loss
         G = lc.num_generations
         tgt = [t for t in plan.lti_targets for _ in range(G)]
@@ -244,16 +268,31 @@ class SeedObjective:
             r_sem = torch.zeros_like(r_abs)
         rewards = lti_reward(r_sem, r_abs, lc.gamma)
         adv = group_advantages(rewards, G, lc.scale_rewards)
-        device = next(self.model.parameters()).device
-        logits, mask = completion_logits(self.forward, got.lti_prompt_ids, got.lti_completions, self.s_tok.pad_token_id)
-        logps = sequence_logps(logits, labels_tensor(got.lti_completions, device))
-        loss = policy_gradient_loss(logps, adv.to(device), mask)
-        return loss, {
-            "train/lti_tokens": sum(len(a) + len(y) for a, y in zip(got.lti_prompt_ids, got.lti_completions)),
+        return adv, {
             "reward/mean": rewards.mean().item(),
             "reward/r_abs": r_abs.mean().item(),
             "reward/r_sem": r_sem.mean().item(),
         }
+
+
+def student_logits(
+    forward, parts: dict[str, tuple[list[list[int]], list[list[int]]]], pad: int, merge: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits and completion masks of each part's rows through the student. `merge`: all rows in one forward,
+    each part then cut to its own rows and length (fewer, larger kernels; a step of the 1.5B student on an
+    H200 was bound by launches, not arithmetic), else one forward per part."""
+    parts = {k: v for k, v in parts.items() if v[0]}
+    if not merge or len(parts) < 2:
+        return {k: completion_logits(forward, p, c, pad) for k, (p, c) in parts.items()}
+    logits, mask = completion_logits(
+        forward, [x for p, _ in parts.values() for x in p], [x for _, c in parts.values() for x in c], pad
+    )
+    out, i = {}, 0
+    for k, (p, c) in parts.items():
+        n, T = len(p), max(len(x) for x in c)
+        out[k] = (logits[i : i + n, :T], mask[i : i + n, :T])
+        i += n
+    return out
 
 
 # --- supervised fine-tuning: dream's ReST-EM and the naive baseline ------------------------------------------
