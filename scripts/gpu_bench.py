@@ -420,16 +420,25 @@ class GpuMemory:
         self._thread.join()
 
 
-def config_params(model_dir: Path, lora_r: int) -> dict:
-    """Parameter counts of a model folder's config, as `params` counts a loaded model (biases left out)."""
+def config_params(model_dir: Path, lora_r: int = 0, targets: list[str] | tuple[str, ...] = ()) -> dict:
+    """Parameter counts of a model folder's config, as `params` counts a loaded model (biases left out);
+    LoRA of rank `lora_r` on the `targets` projections."""
     c = json.loads((Path(model_dir) / "config.json").read_text())
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # q k v o gate up down
+    shapes = {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     return {
-        "body": layers * sum(i * o for i, o in shapes),
+        "body": layers * sum(i * o for i, o in shapes.values()),
         "head": h * c["vocab_size"],
-        "lora": layers * sum(lora_r * (i + o) for i, o in shapes),
+        "lora": layers * sum(lora_r * (i + o) for k, (i, o) in shapes.items() if k in targets),
     }
 
 
@@ -438,17 +447,19 @@ def seed_mfu(rows: list[dict], student: dict, teacher: dict, world: int, peak: f
     and backward (input gradients through frozen weights, LoRA's weight gradients too) on every position that
     carries a gradient (GKD, LTI, anchor), the teacher's and the anchor's no-grad reference forwards, the LM head
     where it runs (completions; every anchor position). Attention is left out (a few % at these lengths).
-    Rank 0 logs its own share of each batch; the others' shares are the same size, so the total is world times
-    it. MFU is per GPU: total FLOPs / (time x GPUs x peak)."""
+    Rank 0 logs its own share of each batch; the others' shares are the same size, so a batch is world times
+    it. The anchor's paragraphs are the same on every rank (repeated work, not shares): counted once. MFU is
+    per GPU: useful FLOPs / (time x GPUs x peak)."""
     flops = secs = 0.0
     for x in rows:
-        grad = x.get("train/student_tokens", 0) + x.get("train/lti_tokens", 0) + x.get("train/anchor_tokens", 0)
         anchor = x.get("train/anchor_tokens", 0)
-        kept = x.get("train/tokens", 0)
-        f = (4 * student["body"] + 6 * student["lora"]) * grad + 4 * student["head"] * (kept + anchor)
-        f += 2 * teacher["body"] * x.get("train/teacher_tokens", 0) + 2 * teacher["head"] * kept
-        f += 2 * student["body"] * anchor + 2 * student["head"] * anchor
-        flops += f * world
+        grad = x.get("train/student_tokens", 0) + x.get("train/lti_tokens", 0)
+        kept = x.get("train/tokens", 0) + x.get("train/lti_completion_tokens", 0)  # the latter logged since 2026-11-28
+        f = (4 * student["body"] + 6 * student["lora"]) * grad + 4 * student["head"] * kept
+        f += 2 * teacher["body"] * x.get("train/teacher_tokens", 0) + 2 * teacher["head"] * x.get("train/tokens", 0)
+        a = (4 * student["body"] + 6 * student["lora"] + 4 * student["head"]) * anchor  # the student's pass
+        a += 2 * (student["body"] + student["head"]) * anchor  # the base's reference pass
+        flops += f * world + a
         secs += x["step_s"] - (x.get("rollout_s") or 0.0)
     return {
         "train_tflops_per_gpu": flops / secs / world / 1e12 if secs else None,
@@ -467,6 +478,7 @@ def full_seed(
     tiny: bool = False,
     sets: tuple[str, ...] = (),
     peak: float | None = None,
+    timeout_s: float | None = None,
 ) -> dict:
     """`sleepctl seed` of N memories as a user runs it, in a process of its own (one GPU) or under torchrun
     (several): engine starts, teacher data and the training loop all counted. No model folders: the real pair
@@ -494,13 +506,25 @@ def full_seed(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_addr"]
         cmd += ["127.0.0.1", "--master_port", str(free_port()), "-m", "sleepctl", *args, "--json"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    log = work / f"{home.name}.log"
     t0 = time.time()
-    with GpuMemory() as mem:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with GpuMemory() as mem, log.open("w") as out:  # stdout too: vLLM writes its errors there
+        # a session of its own: on a timeout the whole group goes, torchrun's workers and engines included
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = f"stopped after {timeout_s:.0f} s (--seed-timeout)"
     wall = time.time() - t0
-    (work / f"{home.name}.log").write_text(proc.stderr)
-    if proc.returncode != 0:
-        return {"engine": engine, "gpus": gpus, "memories": n, "failed": proc.stderr[-3000:]}
+    if rc != 0:
+        return {
+            "engine": engine,
+            "gpus": gpus,
+            "memories": len(lines),
+            "failed": f"exit {rc}; log {log}:\n" + log.read_text()[-3000:],
+        }
     # the run from the home, not from stdout: vLLM logs to stdout too, ahead of --json's object
     run_dir = next((home / "runs").glob("seed_*/summary.json")).parent
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n") if x.strip()]
@@ -509,16 +533,16 @@ def full_seed(
     loop_s = sum(x["step_s"] for x in rows)
     import yaml
 
-    batch = yaml.safe_load((run_dir / "recipe.yaml").read_text())["training"]["batch_size"]
-    models = {
-        "teacher": t_dir if t_dir else _resolved("qwen2.5-coder-0.5b"),
-        "student": s_dir if s_dir else _resolved("qwen2.5-coder-1.5b"),
-    }
+    ran = yaml.safe_load((run_dir / "recipe.yaml").read_text())  # what the run trained, overrides included
+    batch = ran["training"]["batch_size"]
+    names = {role: ran[role] for role in ("teacher", "student")}
+    names["teacher"] = names["student"] if names["teacher"] == "self" else names["teacher"]
+    models = {role: _resolved(ran["profiles"].get(x, {}).get("model", x)) for role, x in names.items()}
     res = {
         "engine": engine,
         "gpus": gpus,
         "models": "real pair" if real else f"random {t_dir.name} -> {s_dir.name}",
-        "memories": n,
+        "memories": len(lines),
         "steps": summary["steps"],
         "batch_size": batch,
         "examples": summary.get("examples"),
@@ -534,8 +558,8 @@ def full_seed(
         "gpu_peak_memory_mb": mem.peak_mb,  # nvidia-smi: trainers and engine processes, every GPU of the machine
         "engine_info": summary.get("engine"),
     }
-    s_cfg = config_params(models["student"], 32)
-    t_cfg = config_params(models["teacher"], 0)
+    s_cfg = config_params(models["student"], ran["lora"]["r"], ran["lora"]["target_modules"])
+    t_cfg = config_params(models["teacher"])
     res.update(seed_mfu(rows, s_cfg, t_cfg, gpus, peak))
     res["params"] = {"student": s_cfg, "teacher": t_cfg}
     return res
@@ -661,6 +685,7 @@ def main() -> None:
         help="full seed on random weights of the shapes, or on the real pair and real memories (offline models)",
     )
     ap.add_argument("--seed-set", action="append", default=[], help="recipe override for the full seed (k=v)")
+    ap.add_argument("--seed-timeout", type=float, default=3600, help="seconds a full seed may run before it is stopped")
     ap.add_argument("--night-memories", type=int, default=100)
     ap.add_argument("--night-set", action="append", default=[], help="recipe override for the real night (k=v)")
     args = ap.parse_args()
@@ -674,10 +699,17 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    if args.seed_models == "real" and args.student != "1.5b":
+        print(
+            f"gpu_bench: --student {args.student} is a random-weight shape; --seed-models real trains the real 1.5B",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     try:
         gpu_counts = sorted({int(x) for x in args.gpus.split(",")})
     except ValueError:
         gpu_counts = [0]
+    # --tiny on a CPU runs its processes there (gloo); on a GPU machine each needs a GPU of its own
     if min(gpu_counts) < 1 or (DEVICE == "cuda" and max(gpu_counts) > torch.cuda.device_count()):
         print(
             f"gpu_bench: --gpus {args.gpus}: give process counts from 1"
@@ -726,13 +758,15 @@ def main() -> None:
 
     tok = build_tokenizer(memories(max(args.memories, 200)), work / "tok")
     dirs = {k: work / k for k in SHAPES}
-    models = {k: build_model(k, tok, dirs[k], seed=i, tiny=args.tiny) for i, k in enumerate(PAIR)}
+    parts = set(args.parts.split(","))
+    # the random pair, unless only the real models run (they would hold GPU memory the engines then lack)
+    pair = bool(parts & {"hf", "train", "vllm"}) or ("seed" in parts and args.seed_models == "random")
+    models = {k: build_model(k, tok, dirs[k], seed=i, tiny=args.tiny) for i, k in enumerate(PAIR) if pair}
     new = 8 if args.tiny else args.new_tokens
     res["new_tokens"] = new
     res["params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     say(f"random models built: {res['params']}")
 
-    parts = set(args.parts.split(","))
     # rollouts through Hugging Face generate: plain, and through the LoRA the HF engine samples from
     res["hf_rollouts"] = {}
     for k, m in models.items() if "hf" in parts else ():
@@ -757,7 +791,7 @@ def main() -> None:
         say(f"HF generate {k} with LoRA: {json.dumps({x: round(y) for x, y in res['hf_rollouts'][k].items()})} tok/s")
 
     # a seed step: teacher 0.5b scores, student 1.5b + LoRA r=32 trains (the qwen-small-large recipe)
-    teacher = peft["0.5b"].get_base_model()
+    teacher = peft["0.5b"].get_base_model() if peft else None
     res["train_step"] = []
     for variant in VARIANTS if "train" in parts else ():
         for b in (16,) if args.tiny else (16, 64):
@@ -792,7 +826,19 @@ def main() -> None:
         for g in gpu_counts:
             say(f"full seed on {args.memories} memories, engine {e}, {g} GPU(s)…")
             t_dir, s_dir = (None, None) if args.seed_models == "real" else (dirs["0.5b"], dirs[args.student])
-            one = full_seed(t_dir, s_dir, args.memories, e, work, args.seed_steps, g, args.tiny, args.seed_set, peak)
+            one = full_seed(
+                t_dir,
+                s_dir,
+                args.memories,
+                e,
+                work,
+                args.seed_steps,
+                g,
+                args.tiny,
+                args.seed_set,
+                peak,
+                args.seed_timeout,
+            )
             res["full_seed"].append(one)
             if "failed" in one:
                 say(f"full seed, engine {e}, {g} GPU(s) failed:\n{one['failed']}")
@@ -809,6 +855,10 @@ def main() -> None:
     print(f"results: {path}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+    failed = [f"{s['engine']}, {s['gpus']} GPU" for s in res["full_seed"] if "failed" in s]
+    if failed:
+        print(f"gpu_bench: full seed failed ({'; '.join(failed)}): the JSON holds each log's tail", file=sys.stderr)
+        sys.exit(1)
 
 
 def print_table(res: dict) -> None:
@@ -879,9 +929,9 @@ def print_table(res: dict) -> None:
         t.add_row(
             "  peak memory: per GPU (nvidia-smi, engines included) / trainers (torch)",
             (" + ".join(f"{v / 1024:.1f}" for _, v in sorted(gpu.items())) or "-")
-            + " GB / "
+            + " GiB / "
             + (" + ".join(f"{v / 1024:.1f}" for v in ranks) or "-")
-            + " GB",
+            + " GiB",
         )
     if "full_night" in res:
         n = res["full_night"]

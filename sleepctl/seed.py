@@ -243,8 +243,8 @@ def _seed_run(
     old_related = link(olds, everyone, cfg.replay.max_related)
     if not ranks.main:
         distributed.barrier(ranks)  # rank 0 writes the data and picks the replay pool; the others read them
-    examples, refreshed, fresh_probes = _teacher_data(
-        cfg, h, st, rf, pending, olds, related, old_related, t_engine, t_tok, teacher_view
+    examples, refreshed, fresh_probes = _teacher_data(  # the other ranks only read what rank 0 wrote
+        cfg, h, st, rf, pending, olds, related, old_related, t_engine if ranks.main else None, t_tok, teacher_view
     )
     if ranks.main and not (rf.path / "stored").exists():  # once per run: a resumed run does not store again
         _store_data(st, rf.run.id, examples, refreshed, fresh_probes)
@@ -300,11 +300,12 @@ def _seed_run(
             f"the {ranks.world} processes ended with different adapters: nothing published",
             hint="a bug: report it with the run folder",
         )
-    peaks = distributed.gather(ranks, peak_memory_mb(next(model.parameters()).device))  # the trainers' own
     if not ranks.main:
+        distributed.gather(ranks, peak_memory_mb(next(model.parameters()).device))  # the trainers' own peaks
         distributed.barrier(ranks)  # until rank 0 has published
         return SeedResult(status="done", message=f"rank {ranks.rank} trained its share", run_id=rf.run.id)
     drift = kl_drift(model, s_tok, cfg)
+    peaks = distributed.gather(ranks, peak_memory_mb(next(model.parameters()).device))  # the drift check included
     wall = time.time() - t_start
     peak = peaks[0]
     metrics = {
@@ -392,6 +393,11 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_rel
             [Example(**e) for e in d["examples"]],
             [Example(**e) for e in d.get("refreshed", [])],
             [Probe(**p) for p in d.get("probes", [])],
+        )
+    if t_engine is None:  # a rank other than 0, after rank 0 wrote the data: it is on disk, or something is wrong
+        raise SleepError(
+            f"rank 0's teacher data is not in {data_path}",
+            hint="every process must see the home on one filesystem (several nodes: a shared one)",
         )
     err.print(f"[dim]writing prompts and teacher answers for {len(pending)} memories…[/dim]")
     with torch.no_grad(), teacher_view():

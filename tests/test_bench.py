@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sleepctl.scoring import contains_match
 
 from .conftest import ROOT, write_recipe
@@ -66,6 +68,10 @@ def test_gpu_bench_runs_at_toy_size(tmp_path):
     """`--tiny` runs the GPU benchmark's whole code path at toy shapes (on CPU here): it keeps working."""
     out = tmp_path / "gpu"
     args = ("--tiny", "--memories", "3", "--seed-steps", "2", "--seed-engines", "hf", "--out", str(out))
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:  # --tiny runs on the GPU where there is one
+        pytest.skip("two processes need two GPUs on a machine with CUDA")
     r = script("gpu_bench.py", *args, "--gpus", "1,2")
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     res = json.loads(next(out.glob("gpu-bench-*.json")).read_text())
@@ -81,16 +87,17 @@ def test_gpu_bench_runs_at_toy_size(tmp_path):
     assert len(two["trainer_peak_memory_mb_per_rank"]) == 2
     text = r.stdout.decode()
     assert "seed step" in text and "full seed" in text and "2 GPUs against 1" in text
-    bad = script("gpu_bench.py", *args, "--gpus", "0,x", timeout=120)
-    assert bad.returncode == 2 and b"--gpus 0,x: give process counts from 1" in bad.stderr
+    for bad_count in ("0", "1,x"):
+        bad = script("gpu_bench.py", *args, "--gpus", bad_count, timeout=120)
+        assert bad.returncode == 2 and f"--gpus {bad_count}: give process counts from 1".encode() in bad.stderr
+    bad = script("gpu_bench.py", *args, "--student", "7b", "--seed-models", "real", timeout=120)
+    assert bad.returncode == 2 and b"--seed-models real trains the real 1.5B" in bad.stderr
 
 
 def test_gpu_bench_refuses_a_machine_without_cuda(tmp_path):
     import torch
 
     if torch.cuda.is_available():
-        import pytest
-
         pytest.skip("this machine has CUDA")
     r = script("gpu_bench.py", timeout=120)
     assert r.returncode == 2

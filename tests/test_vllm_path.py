@@ -205,3 +205,41 @@ def test_a_night_through_one_engine_serving_stack_and_adapter(standin_vllm, home
     assert check["mean_abs_diff"] < 0.05 < check["lora_effect"]  # agreement, on an adapter that matters
     with open_store(home) as st:
         assert st.current_adapter_id() is not None
+
+
+def test_under_torchrun_a_rank_starts_its_student_engine_on_its_own_gpu_and_no_teacher(
+    standin_vllm, tmp_path, tiny_dir, monkeypatch
+):
+    """Rank 1 of 2: the engine process it starts sees GPU 1 alone and none of torchrun's variables (vLLM's
+    engine would otherwise land on GPU 0, or take itself for a rank of a larger group); it starts no teacher
+    engine (rank 0 writes the teacher data); rank 0 starts both."""
+    import os
+    import shutil
+
+    from sleepctl.models import load_model
+    from sleepctl.recipe import load_recipe
+    from sleepctl.seed import engines_for
+
+    seen = []
+
+    class Recording(standin_vllm):
+        def __init__(self, model: str, **kw):
+            seen.append({k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE")})
+            super().__init__(model, **kw)
+
+    monkeypatch.setattr(sys.modules["vllm"], "LLM", Recording)
+    teacher_dir = shutil.copytree(tiny_dir, tmp_path / "teacher")  # another folder: an engine of its own
+    rcp = write_recipe(tmp_path / "r.yaml", tiny_dir, teacher="small", engine="vllm")
+    cfg, _ = load_recipe(str(rcp), {"profiles.small.model": str(teacher_dir)})
+    model, tok = load_model(str(tiny_dir), "cpu", "float32")
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}.items():
+        monkeypatch.setenv(k, v)
+    t_eng, s_eng = engines_for(cfg, None, model, tok, model, tok, 8, teacher=False)
+    assert t_eng is None and s_eng is not None
+    assert seen == [{"CUDA_VISIBLE_DEVICES": "1", "RANK": None, "LOCAL_RANK": None, "WORLD_SIZE": None}]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1" and os.environ["RANK"] == "1"  # the trainer's, back
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    t_eng, s_eng2 = engines_for(cfg, None, model, tok, model, tok, 8, teacher=True)
+    assert t_eng is not None and s_eng2 is s_eng  # the process's student engine, and now a teacher's
+    assert seen[1]["CUDA_VISIBLE_DEVICES"] == "0" and seen[1]["RANK"] is None
