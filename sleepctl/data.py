@@ -22,8 +22,10 @@ from .prompts import (
     parse_questions,
     question_request,
     render,
+    reply_of,
     restatement,
     restatement_prompts,
+    turn_replies,
     user_turns,
     value_question_request,
 )
@@ -113,8 +115,10 @@ def build_data(
     probes: list[Probe] = []
     if cand and d.probes_per_memory > 0:
         p_text = [render(t_tok, sysp, q, context(t, related)) for t, q in cand]
-        greedy = t_engine.generate(p_text, temperature=0.0, seed=seed, **gen).texts
-        sampled = t_engine.generate(p_text, temperature=recipe.loss.teacher_temperature, seed=seed + 1, **gen).texts
+        greedy = answers_of(recipe, t_engine.generate(p_text, temperature=0.0, seed=seed, **gen), t_tok)
+        sampled = answers_of(
+            recipe, t_engine.generate(p_text, temperature=recipe.loss.teacher_temperature, seed=seed + 1, **gen), t_tok
+        )
         per_mem: dict[str, int] = {}
         for (t, q), a, b in zip(cand, greedy, sampled):
             if per_mem.get(t.id, 0) >= d.probes_per_memory:
@@ -155,6 +159,13 @@ def build_data(
         if p not in user_heldout
     ]
     examples += grounded_examples(recipe, prompts, answers)
+    if d.transcript_copies == "reply":
+        # a user turn every answer to which replayed the chat (or invented): what the chat itself answered it
+        have = {(e.trace_id, e.prompt) for e in examples}
+        replies = {t.id: turn_replies(t) for t in traces}
+        examples += [
+            Example(t.id, p, [replies[t.id][p]]) for t, p in prompts if p in replies[t.id] and (t.id, p) not in have
+        ]
     if not examples:
         raise SleepError(
             "no training example could be made from the pending memories",
@@ -200,12 +211,24 @@ def teacher_answers(
     sysp = recipe.data.system_prompt
     texts = [render(t_tok, sysp, p, mem) for p, mem in asks]
     gen = dict(max_new_tokens=recipe.data.max_new_tokens)
-    answers = [t_engine.generate(texts, temperature=0.0, seed=seed, **gen).texts]
+    answers = [answers_of(recipe, t_engine.generate(texts, temperature=0.0, seed=seed, **gen), t_tok)]
     for k in range(1, recipe.data.teacher_samples):
-        answers.append(
-            t_engine.generate(texts, temperature=recipe.loss.teacher_temperature, seed=seed + 10 + k, **gen).texts
-        )
+        sampled = t_engine.generate(texts, temperature=recipe.loss.teacher_temperature, seed=seed + 10 + k, **gen)
+        answers.append(answers_of(recipe, sampled, t_tok))
     return answers
+
+
+def answers_of(recipe: Recipe, ro, t_tok) -> list[str]:
+    """The teacher's answers as the student should learn them: a replayed transcript cut to its reply, and none
+    when the token budget cut that reply (the replay spent it: "Production runs Gorsewing API 4.1" for 4.17.2)."""
+    if recipe.data.transcript_copies == "keep":
+        return ro.texts
+    out = []
+    for text, ids in zip(ro.texts, ro.completion_ids):
+        reply = reply_of(text)
+        whole = bool(ids) and ids[-1] == t_tok.eos_token_id or len(ids) < recipe.data.max_new_tokens
+        out.append(reply if reply == text or whole else "")
+    return out
 
 
 def grounded_examples(
@@ -391,6 +414,7 @@ def recheck(
         return []
     sysp = recipe.data.system_prompt
     texts = [render(t_tok, sysp, p.question, context(t, related)) for t, p in cand]
+    # as written: a replayed transcript still shows whether the earlier value holds
     outs = t_engine.generate(texts, temperature=0.0, seed=seed, max_new_tokens=recipe.data.max_new_tokens).texts
     res = []
     for (t, p), o in zip(cand, outs):

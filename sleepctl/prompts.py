@@ -35,6 +35,32 @@ def render(tok, system_prompt: str, user: str, memories: list[Memory] | None = N
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
+_TURN = re.compile(r"^\s*(user|assistant|tool|system)\s*:\s?(.*)$", re.I)
+
+
+def reply_of(answer: str) -> str:
+    """A teacher answer without the transcript it replays. A chat memory is stored as `role: text` lines; asked
+    the chat's own question, a teacher often answers by replaying it ("Checking the pager rota. / tool:
+    pager.rota(...) -> ... / assistant: Cormac Hallowby is primary"), which would teach the student to write
+    tool calls and their results. Kept: the reply after the last tool result, up to any invented user turn;
+    "" when the replay stops before that reply. An answer without turn lines is returned as it is."""
+    lines = answer.split("\n")
+    if not any(_TURN.match(x) for x in lines):
+        return answer
+    turns: list[tuple[str, list[str]]] = [("assistant", [])]
+    for x in lines:
+        m = _TURN.match(x)
+        if m:
+            turns.append((m.group(1).lower(), [m.group(2)]))
+        else:
+            turns[-1][1].append(x)
+    end = next((i for i, (role, _) in enumerate(turns) if role in ("user", "system")), len(turns))
+    turns = turns[:end]  # what follows an invented user turn is an invented conversation
+    last_tool = max((i for i, (role, _) in enumerate(turns) if role == "tool"), default=-1)
+    kept = [" ".join(t).strip() for role, t in turns[last_tool + 1 :] if role == "assistant"]
+    return " ".join(k for k in kept if k).strip()
+
+
 def question_request(memory: str, n: int) -> str:
     return (
         f"Here is a note:\n\n{memory.strip()}\n\n"
@@ -169,6 +195,24 @@ def restatement(trace: Trace) -> str:
         return trace.text.strip()
     parts = [m.content.strip() for m in trace.messages if m.role in ("user", "tool") and m.content.strip()]
     return " ".join(parts) if parts else trace.text.strip()
+
+
+def turn_replies(trace: Trace) -> dict[str, str]:
+    """What the assistant answered each user turn of a recorded chat: its words after the last tool result it
+    waited for (before that, it was calling the tool)."""
+    out: dict[str, str] = {}
+    turn, reply = None, []
+    for m in [*(trace.messages or []), None]:
+        if m is None or m.role == "user":
+            if turn is not None and reply:
+                out.setdefault(turn, " ".join(reply))
+            if m is not None:
+                turn, reply = m.content.strip(), []
+        elif m.role == "tool":
+            reply = []
+        elif m.role == "assistant" and m.content.strip():
+            reply.append(m.content.strip())
+    return out
 
 
 def user_turns(trace: Trace) -> list[str]:

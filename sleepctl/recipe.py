@@ -66,6 +66,11 @@ class Data(Strict):
     grounded_only: bool = Field(
         True, description="drop teacher answers whose content words are mostly not in the memory"
     )
+    transcript_copies: Literal["reply", "keep"] = Field(
+        "reply",
+        description="a teacher answer that replays a chat memory's transcript (tool calls and results): reply "
+        "keeps the reply after the last tool result (none when the replay stops before it); keep: as written",
+    )
     max_prompt_tokens: int = Field(512, ge=16)
     max_new_tokens: int = Field(64, ge=1, le=2048)
     system_prompt: str = "You are a helpful assistant."

@@ -1,0 +1,124 @@
+"""Teacher answers that replay a chat memory's transcript: the student learns the reply, not the tool calls.
+
+Measured on this CPU with the real qwen2.5-coder-0.5b as teacher on the 15 tool-using chats of benchmarks/nights:
+asked the chat's own user turn, 28 of 45 answers replayed the transcript ("Checking the pager rota. / tool:
+pager.rota(...) -> ... / assistant: Cormac Hallowby is primary"); none of 90 answers to entity prompts did.
+"""
+
+from __future__ import annotations
+
+from sleepctl.data import answers_of, teacher_answers
+from sleepctl.engines import Rollouts
+from sleepctl.models import load_tokenizer
+from sleepctl.prompts import reply_of
+from sleepctl.recipe import load_recipe
+
+from .conftest import write_recipe
+
+REPLAY = (
+    "Checking the pager rota.\n"
+    "tool: pager.rota(service='juddervane', week=41) -> primary: Cormac Hallowby, secondary: Zephyrine Attwater\n"
+    "assistant: Cormac Hallowby is primary for Juddervane this week."
+)
+
+
+def test_a_replayed_transcript_is_cut_to_the_reply_after_the_last_tool_result():
+    assert reply_of(REPLAY) == "Cormac Hallowby is primary for Juddervane this week."
+    # the importers' form: a call line, a result line, a reply over two lines, then an invented user turn
+    imported = (
+        "assistant: [called lookup_cluster(cluster='heron')]\ntool: [result of lookup_cluster] region: eu-north-1\n"
+        "Assistant: Heron staging runs in eu-north-1\n(Stockholm).\nuser: thanks!\nassistant: You're welcome."
+    )
+    assert reply_of(imported) == "Heron staging runs in eu-north-1 (Stockholm)."
+    # the replay stopped before any reply: nothing to learn from it
+    assert reply_of("Let me check the deploy log.\ntool: deploys.latest(env='prod') -> version: 4.17.2") == ""
+    # no tool turn: the reply up to an invented user turn
+    assert reply_of("It is 5826.\nuser: and the floor?\nassistant: B2") == "It is 5826."
+    # answers without turn lines are left alone, "Note:" and a colon inside a line included
+    for plain in ("The code is 5826.", "Note: the code changed.\nIt is 5826 now.", "The user: Dana asked."):
+        assert reply_of(plain) == plain
+
+
+def test_teacher_answers_keep_a_whole_reply_drop_a_cut_one_and_keep_them_all_when_asked(tmp_path, tiny_dir):
+    tok = load_tokenizer(str(tiny_dir))
+    eos = tok.eos_token_id
+    cut = "Let me check.\ntool: deploys.latest() -> version: 4.17.2\nassistant: Production runs Gorsewing API 4.1"
+    ro = Rollouts(
+        [[1], [1], [1], [1]],
+        [[5, 6, eos], [5] * 6, [5] * 6, [5, 6]],  # ended; cut by the budget of 6; cut; stopped short of it
+        [REPLAY, cut, "The Marrow deadline is March", "It is 5826."],
+    )
+    rcp = write_recipe(tmp_path / "r.yaml", tiny_dir)  # max_new_tokens 6
+    cfg, _ = load_recipe(str(rcp))
+    assert answers_of(cfg, ro, tok) == [
+        "Cormac Hallowby is primary for Juddervane this week.",
+        "",  # the budget ran out in the reply: "4.1" of 4.17.2 must not be taught
+        "The Marrow deadline is March",  # a plain answer cut by the budget stays as before
+        "It is 5826.",
+    ]
+    keep, _ = load_recipe(str(rcp), {"data.transcript_copies": "keep"})
+    assert answers_of(keep, ro, tok) == ro.texts
+
+    class Teacher:
+        def generate(self, prompts, **kw):
+            n = len(prompts)
+            return Rollouts([[1]] * n, [[5, eos]] * n, [REPLAY] * n)
+
+    got = teacher_answers(cfg, Teacher(), tok, [("Who is on call for Juddervane this week?", [])], seed=0)
+    assert got == [["Cormac Hallowby is primary for Juddervane this week."]]
+
+
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "Who is on call for Juddervane this week?"},
+        {"role": "assistant", "content": "Checking the pager rota."},
+        {"role": "tool", "content": "pager.rota(service='juddervane') -> primary: Cormac Hallowby"},
+        {"role": "assistant", "content": "Cormac Hallowby is primary for Juddervane this week."},
+        {"role": "user", "content": "Thanks. Note the rota moves to Tuesdays from next month."},
+        {"role": "assistant", "content": "Noted: the rota moves to Tuesdays."},
+    ]
+}
+
+
+def test_a_user_turn_every_answer_to_which_replays_the_chat_learns_the_chats_own_reply(tmp_path, tiny_dir):
+    import json
+    import random
+    import re
+
+    from sleepctl import record
+    from sleepctl.data import build_data
+    from sleepctl.memories import open_store
+    from sleepctl.prompts import turn_replies
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps(CHAT) + "\n")
+    home = tmp_path / "home"
+    record([src], home=home)
+    with open_store(home) as st:
+        (t,) = st.traces()
+        assert turn_replies(t) == {
+            "Who is on call for Juddervane this week?": "Cormac Hallowby is primary for Juddervane this week.",
+            "Thanks. Note the rota moves to Tuesdays from next month.": "Noted: the rota moves to Tuesdays.",
+        }
+        tok = load_tokenizer(str(tiny_dir))
+
+        class Teacher:  # asked the chat's question, it replays the chat until its budget runs out
+            def generate(self, prompts, max_new_tokens, **kw):
+                texts = [
+                    "Where does the rota move?" if "questions" in p else REPLAY.rsplit("\n", 1)[0] for p in prompts
+                ]
+                return Rollouts([[1]] * len(prompts), [[5] * max_new_tokens] * len(prompts), texts)
+
+        cfg, _ = load_recipe(str(write_recipe(tmp_path / "r.yaml", tiny_dir)), {"data.probes_per_memory": 0})
+        examples, _ = build_data([t], cfg, Teacher(), tok, st, random.Random(0), 0)
+        by_prompt = {e.prompt: e.samples for e in examples}
+        assert by_prompt["Who is on call for Juddervane this week?"] == [
+            "Cormac Hallowby is primary for Juddervane this week."
+        ]
+        turn_line = re.compile(r"(^|\n)\s*(user|assistant|tool)\s*:", re.I)
+        assert not [s for e in examples for s in e.samples if turn_line.search(s)]  # no replayed turn is taught
+        keep, _ = load_recipe(str(tmp_path / "r.yaml"), {"data.probes_per_memory": 0, "data.transcript_copies": "keep"})
+        kept, _ = build_data([t], keep, Teacher(), tok, st, random.Random(0), 0)
+        assert {e.prompt: e.samples for e in kept}["Who is on call for Juddervane this week?"] == [
+            REPLAY.rsplit("\n", 1)[0]
+        ]
