@@ -143,10 +143,10 @@ def engines_for(cfg: Recipe, h, s_model, s_tok, t_model, t_tok, lora_rank: int, 
     `teacher` False: no teacher engine (ranks other than 0 read rank 0's teacher data)."""
     s_name = cfg.model_name(cfg.student)
     s_eng = rollout_engine(cfg, s_model, s_tok, resolve(s_name).path if cfg.engine == "vllm" else None, lora_rank, h)
+    if not teacher:
+        return None, s_eng
     if t_model is None:
         return s_eng, s_eng
-    if not teacher and cfg.engine == "vllm":
-        return None, s_eng
     t_dir = resolve(cfg.model_name(cfg.teacher)).path if cfg.engine == "vllm" else None
     return rollout_engine(cfg, t_model, t_tok, t_dir, None, h, teacher=True), s_eng
 
@@ -243,8 +243,8 @@ def _seed_run(
     old_related = link(olds, everyone, cfg.replay.max_related)
     if not ranks.main:
         distributed.barrier(ranks)  # rank 0 writes the data and picks the replay pool; the others read them
-    examples, refreshed, fresh_probes = _teacher_data(  # the other ranks only read what rank 0 wrote
-        cfg, h, st, rf, pending, olds, related, old_related, t_engine if ranks.main else None, t_tok, teacher_view
+    examples, refreshed, fresh_probes = _teacher_data(  # the other ranks (no teacher engine) only read rank 0's
+        cfg, h, st, rf, pending, olds, related, old_related, t_engine, t_tok, teacher_view
     )
     if ranks.main and not (rf.path / "stored").exists():  # once per run: a resumed run does not store again
         _store_data(st, rf.run.id, examples, refreshed, fresh_probes)
