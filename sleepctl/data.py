@@ -149,6 +149,9 @@ def build_data(
             if p not in seen and p not in user_heldout:  # held-out probes never train
                 seen.add(p)
                 prompts.append((t, p))
+    heldout_all = heldout_q | user_heldout
+    answer_of = reverse_questions(traces, prompts, heldout_all, recipe, t_engine, t_tok, seed)
+    prompts += [(t, q) for t in traces for q, _ in answer_of.get(t.id, [])]
     answers = teacher_answers(recipe, t_engine, t_tok, [(p, context(t, related)) for t, p in prompts], seed)
     # Restatements: the teacher does not write these answers, it scores them. The output is the memory
     # itself (GKD's fixed-output data), so a weak teacher cannot drift from the facts.
@@ -158,7 +161,7 @@ def build_data(
         for p in restatement_prompts(t.text, d.restatements)
         if p not in user_heldout
     ]
-    examples += grounded_examples(recipe, prompts, answers)
+    examples += holding_target(grounded_examples(recipe, prompts, answers), answer_of)
     if d.transcript_copies == "reply":
         # a user turn every answer to which replayed the chat (or invented): what the chat itself answered it
         have = {(e.trace_id, e.prompt) for e in examples}
@@ -200,6 +203,63 @@ def write_questions(traces: list[Trace], recipe: Recipe, t_engine, t_tok, seed: 
                 : want - len(questions[i])
             ]
     return questions
+
+
+def reverse_targets(t: Trace) -> list[str]:
+    """What a reverse question may ask for: the memory's most mentioned names and its values, up to 4 of each."""
+    return list(dict.fromkeys(entities(t.text, 4) + list(_values(t.text))[:4]))
+
+
+def reverse_questions(
+    traces: list[Trace],
+    prompts: list[tuple[Trace, str]],
+    heldout: set[str],
+    recipe: Recipe,
+    t_engine,
+    t_tok,
+    seed: int,
+) -> dict[str, list[tuple[str, str]]]:
+    """Per memory, (question, the name or value it asks for): the fact asked from its other side.
+
+    The teacher's questions about a memory mostly start from its subject ("where did Orla Brennick move the
+    Kestrel server?") and a user may start from the answer's side ("who moved the Kestrel server?"); a fact
+    learned one way is poorly recalled the other (the reversal curse). A question that names its own answer asks
+    nothing; one that near-copies a prompt already kept for the memory adds no phrasing, and one that near-copies
+    a held-out probe would train that probe: all three are dropped."""
+    d = recipe.data
+    n = d.reverse_questions
+    asks = [(t, v) for t in traces for v in reverse_targets(t)] if n else []
+    if not asks:
+        return {}
+    out = t_engine.generate(
+        [render(t_tok, d.system_prompt, value_question_request(t.text, v, n)) for t, v in asks],
+        max_new_tokens=max(128, 24 * n),
+        temperature=0.0,
+        seed=seed + 13,
+    )
+    kept: dict[str, list[str]] = {t.id: [p for x, p in prompts if x.id == t.id] for t in traces}
+    res: dict[str, list[tuple[str, str]]] = {}
+    for (t, v), text in zip(asks, out.texts):
+        for q in parse_questions(text, n):
+            if contains_match(q, v) or mentions(q, {v}):
+                continue
+            if any(token_f1(q, p) >= d.max_prompt_overlap for p in [*kept[t.id], *heldout]):
+                continue
+            kept[t.id].append(q)
+            res.setdefault(t.id, []).append((q, v))
+    return res
+
+
+def holding_target(examples: list[Example], answer_of: dict[str, list[tuple[str, str]]]) -> list[Example]:
+    """Reverse questions keep the answers that hold what they ask for; other examples pass unchanged."""
+    target = {(tid, q): v for tid, qs in answer_of.items() for q, v in qs}
+    out = []
+    for e in examples:
+        v = target.get((e.trace_id, e.prompt))
+        samples = e.samples if v is None else [a for a in e.samples if contains_match(a, v)]
+        if samples:
+            out.append(Example(e.trace_id, e.prompt, samples))
+    return out
 
 
 def teacher_answers(

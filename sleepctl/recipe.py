@@ -56,6 +56,20 @@ class Data(Strict):
         "with both dated and with the newer one alone (0: none)",
     )
     entity_prompts: int = Field(4, ge=0, le=32, description="'what do you know about X?' prompts per memory")
+    reverse_questions: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="per name and value of a memory (up to 4 of each), questions whose answer is that name or "
+        "value, so the fact is also asked from its other side; an answer that does not hold it is dropped (0: none)",
+    )
+    max_prompt_overlap: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="a reverse question whose words overlap (token F1) this much with a prompt of its memory or a "
+        "held-out probe is dropped: it adds no phrasing, or would train a probe's own question",
+    )
     restatements: int = Field(
         3, ge=0, le=32, description="'what do you remember about X?' prompts answered by the memory itself"
     )
