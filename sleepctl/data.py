@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from .errors import SleepError
@@ -31,7 +32,7 @@ from .prompts import (
 )
 from .recipe import Recipe
 from .records import Probe, Trace
-from .scoring import contains_match, grounded, token_f1
+from .scoring import bag_f1, contains_match, grounded, token_bag, token_f1
 from .store import Store, new_id, now
 
 
@@ -149,8 +150,8 @@ def build_data(
             if p not in seen and p not in user_heldout:  # held-out probes never train
                 seen.add(p)
                 prompts.append((t, p))
-    heldout_all = heldout_q | user_heldout
-    answer_of = reverse_questions(traces, prompts, heldout_all, recipe, t_engine, t_tok, seed)
+    every_heldout = heldout_q | {p.question for p in st.probes(split="heldout")}  # older memories' too
+    answer_of = reverse_questions(traces, prompts, every_heldout, recipe, t_engine, t_tok, seed, related)
     prompts += [(t, q) for t in traces for q, _ in answer_of.get(t.id, [])]
     answers = teacher_answers(recipe, t_engine, t_tok, [(p, context(t, related)) for t, p in prompts], seed)
     # Restatements: the teacher does not write these answers, it scores them. The output is the memory
@@ -205,9 +206,11 @@ def write_questions(traces: list[Trace], recipe: Recipe, t_engine, t_tok, seed: 
     return questions
 
 
-def reverse_targets(t: Trace) -> list[str]:
-    """What a reverse question may ask for: the memory's most mentioned names and its values, up to 4 of each."""
-    return list(dict.fromkeys(entities(t.text, 4) + list(_values(t.text))[:4]))
+def reverse_targets(t: Trace, related: list[Trace] | None = None) -> list[str]:
+    """What a reverse question may ask for: the memory's 4 most mentioned names and its first 4 values, less the
+    values a newer related memory replaced (the teacher, seeing both, rightly answers with the new one)."""
+    stale = set(replaced_by(t, related or []))
+    return list(dict.fromkeys(entities(t.text, 4) + [v for v in list(_values(t.text)) if v not in stale][:4]))
 
 
 def reverse_questions(
@@ -218,6 +221,7 @@ def reverse_questions(
     t_engine,
     t_tok,
     seed: int,
+    related: dict[str, list[Trace]] | None = None,
 ) -> dict[str, list[tuple[str, str]]]:
     """Per memory, (question, the name or value it asks for): the fact asked from its other side.
 
@@ -228,7 +232,7 @@ def reverse_questions(
     a held-out probe would train that probe: all three are dropped."""
     d = recipe.data
     n = d.reverse_questions
-    asks = [(t, v) for t in traces for v in reverse_targets(t)] if n else []
+    asks = [(t, v) for t in traces for v in reverse_targets(t, (related or {}).get(t.id))] if n else []
     if not asks:
         return {}
     out = t_engine.generate(
@@ -237,15 +241,19 @@ def reverse_questions(
         temperature=0.0,
         seed=seed + 13,
     )
-    kept: dict[str, list[str]] = {t.id: [p for x, p in prompts if x.id == t.id] for t in traces}
+    kept: dict[str, list[Counter[str]]] = {t.id: [] for t in traces}
+    for x, p in prompts:
+        kept[x.id].append(token_bag(p))
+    probes = [token_bag(p) for p in heldout]
     res: dict[str, list[tuple[str, str]]] = {}
     for (t, v), text in zip(asks, out.texts):
         for q in parse_questions(text, n):
             if contains_match(q, v) or mentions(q, {v}):
                 continue
-            if any(token_f1(q, p) >= d.max_prompt_overlap for p in [*kept[t.id], *heldout]):
+            bag = token_bag(q)
+            if any(bag_f1(bag, p) >= d.max_prompt_overlap for p in [*kept[t.id], *probes]):
                 continue
-            kept[t.id].append(q)
+            kept[t.id].append(bag)
             res.setdefault(t.id, []).append((q, v))
     return res
 

@@ -67,8 +67,9 @@ class Data(Strict):
         0.8,
         gt=0.0,
         le=1.0,
-        description="a reverse question whose words overlap (token F1) this much with a prompt of its memory or a "
-        "held-out probe is dropped: it adds no phrasing, or would train a probe's own question",
+        description="a reverse question whose words overlap (token F1) this much with a prompt of its memory or any "
+        "held-out probe is dropped: it adds no phrasing, or would train a probe's own question (1.0: exact copies "
+        "only; a paraphrase of a probe is the transfer the method relies on and is kept)",
     )
     restatements: int = Field(
         3, ge=0, le=32, description="'what do you remember about X?' prompts answered by the memory itself"

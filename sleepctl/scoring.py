@@ -38,14 +38,21 @@ def contains_match(prediction: str, reference: str) -> bool:
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    p, r = normalize(prediction).split(), normalize(reference).split()
+    return bag_f1(token_bag(prediction), token_bag(reference))
+
+
+def token_bag(text: str) -> Counter[str]:
+    """A text's normalised words, counted: computed once where one text meets many."""
+    return Counter(normalize(text).split())
+
+
+def bag_f1(p: Counter[str], r: Counter[str]) -> float:
     if not p or not r:
         return float(p == r)
-    common = Counter(p) & Counter(r)
-    same = sum(common.values())
+    same = sum((p & r).values())
     if same == 0:
         return 0.0
-    prec, rec = same / len(p), same / len(r)
+    prec, rec = same / sum(p.values()), same / sum(r.values())
     return 2 * prec * rec / (prec + rec)
 
 

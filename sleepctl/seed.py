@@ -378,7 +378,10 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_rel
             "old_related": {k: [o.id for o in v] for k, v in sorted(old_related.items())},
             "teacher": cfg.model_name(cfg.teacher),
             "student": cfg.model_name(cfg.student),
-            "data": cfg.data.model_dump(),
+            # without reverse questions their knobs change nothing: a home's data cached before they existed holds
+            "data": cfg.data.model_dump(
+                exclude={"reverse_questions", "max_prompt_overlap"} if not cfg.data.reverse_questions else None
+            ),
             "t_temp": cfg.loss.teacher_temperature,
             "seed": tr.seed,
         }

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from sleepctl import record
-from sleepctl.data import build_data, reverse_questions, reverse_targets
+from sleepctl.data import build_data, reverse_targets
 from sleepctl.engines import Rollouts
 from sleepctl.errors import SleepError
 from sleepctl.memories import open_store
@@ -35,9 +35,15 @@ REVERSE = {
 }
 
 
+WHOLE = "Orla Brennick moved it from Dublin to Tallinn on day 14."  # holds every target
+NEAR_SUBJECT = "Where did Orla Brennick move the Kestrel build server to?"  # token F1 0.95 with SUBJECT_SIDE
+NEAR_PROBE = "Who moved the Kestrel build server, then?"  # token F1 0.92 with the user's held-out probe
+
+
 class Teacher:
-    """Scripted: a subject-side question; per target, a question that names its answer, a copy of the held-out
-    probe, a near-copy of the subject-side question, and one new question from the answer's side."""
+    """Scripted: a subject-side question; per target, a question that names its answer, the held-out probe's own
+    words, a near-copy of the subject-side question, a near-copy of the probe, and one new question from the
+    answer's side. Every answer holds every target but the Tallinn question's: only the guards drop the copies."""
 
     def __init__(self):
         self.reverse_asks: list[str] = []
@@ -50,36 +56,37 @@ class Teacher:
                 v = m.group(1)
                 self.reverse_asks.append(v)
                 texts.append(
-                    f"Is the answer {v}?\nWho moved the Kestrel build server?\n"
-                    f"Where did Orla Brennick move the Kestrel build server to?\n{REVERSE[v][0]}"
+                    f"Is the answer {v}?\nWho moved the Kestrel build server?\n{NEAR_SUBJECT}\n{NEAR_PROBE}\n"
+                    f"{REVERSE[v][0]}"
                 )
             elif "Write" in p and "questions" in p:
                 texts.append(SUBJECT_SIDE)
             else:
                 hit = [a for q, a in REVERSE.values() if q in p]
-                texts.append(hit[0] if hit else "Orla Brennick moved it to Tallinn.")
+                texts.append(hit[0] if hit else WHOLE)
         n = len(prompts)
         return Rollouts([[1]] * n, [[5]] * n, texts)
 
 
-def _build(tmp_path, tiny_dir, **data):
+def _build(tmp_path, tiny_dir, notes=(NOTE,), **data):
     tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "note.jsonl"
-    src.write_text(json.dumps(NOTE) + "\n")
+    src.write_text("".join(json.dumps(n) + "\n" for n in notes))
     home = tmp_path / "home"
     record([src], home=home)
     rcp = write_recipe(tmp_path / "r.yaml", tiny_dir)
-    cfg, _ = load_recipe(str(rcp), {"data.probes_per_memory": 0, **{f"data.{k}": v for k, v in data.items()}})
+    over = {"data.probes_per_memory": 0, **{f"data.{k}": v for k, v in data.items()}}
+    cfg, _ = load_recipe(str(rcp), over)
     tok = load_tokenizer(str(tiny_dir))
     teacher = Teacher()
     with open_store(home) as st:
-        (t,) = st.traces()
-        examples, _ = build_data([t], cfg, teacher, tok, st, random.Random(0), 0)
-    return t, examples, teacher
+        t = st.traces()[0]
+        examples, probes = build_data([t], cfg, teacher, tok, st, random.Random(0), 0)
+    return t, examples, teacher, probes
 
 
 def test_reverse_questions_ask_for_each_name_and_value_and_keep_answers_that_hold_it(tmp_path, tiny_dir):
-    t, examples, teacher = _build(tmp_path, tiny_dir, reverse_questions=4)
+    t, examples, teacher, _ = _build(tmp_path, tiny_dir, reverse_questions=6)
     targets = reverse_targets(t)
     assert targets == ["Orla Brennick", "Kestrel", "Dublin", "Tallinn", "14"]
     assert teacher.reverse_asks == targets  # one request per name and value
@@ -91,36 +98,46 @@ def test_reverse_questions_ask_for_each_name_and_value_and_keep_answers_that_hol
     assert REVERSE["Tallinn"][0] not in by_prompt
     # a question that states its own answer asks nothing
     assert not [p for p in by_prompt if p.startswith("Is the answer")]
-    # a copy of a held-out probe would train that probe: the user's held-out question never trains
+    # the user's held-out probe never trains, in its own words or nearly
     assert "Who moved the Kestrel build server?" not in by_prompt
-    # a near-copy of a prompt already kept adds no phrasing (token F1 0.95 against the subject-side question)
-    assert "Where did Orla Brennick move the Kestrel build server to?" not in by_prompt
-    assert SUBJECT_SIDE in by_prompt
+    assert NEAR_PROBE not in by_prompt
+    # a near-copy of a prompt already kept adds no phrasing
+    assert NEAR_SUBJECT not in by_prompt
+    assert by_prompt[SUBJECT_SIDE] == [WHOLE]
 
 
-def test_zero_reverse_questions_asks_for_none_and_a_loose_guard_lets_near_copies_in(tmp_path, tiny_dir):
-    _, none, teacher = _build(tmp_path / "a", tiny_dir, reverse_questions=0)
+def test_the_overlap_guard_is_what_drops_near_copies(tmp_path, tiny_dir):
+    _, loose, _, _ = _build(tmp_path, tiny_dir, reverse_questions=6, max_prompt_overlap=1.0)
+    prompts = {e.prompt for e in loose}
+    assert {NEAR_SUBJECT, NEAR_PROBE} <= prompts  # only exact copies go at 1.0
+    assert "Who moved the Kestrel build server?" not in prompts
+
+
+def test_a_held_out_teacher_probe_is_guarded_like_a_users(tmp_path, tiny_dir):
+    # the subject-side question becomes a held-out teacher probe: it and its near-copy never train
+    _, examples, _, probes = _build(tmp_path, tiny_dir, reverse_questions=6, probes_per_memory=1, heldout_fraction=1.0)
+    assert [(p.question, p.split) for p in probes] == [(SUBJECT_SIDE, "heldout")]
+    prompts = {e.prompt for e in examples}
+    assert SUBJECT_SIDE not in prompts and NEAR_SUBJECT not in prompts
+    assert REVERSE["Orla Brennick"][0] in prompts
+
+
+def test_a_value_a_newer_memory_replaced_is_not_asked_for(tmp_path, tiny_dir):
+    newer = {"text": "Correction: the Kestrel server move happened on day 21, not earlier."}
+    src = tmp_path / "two.jsonl"
+    src.write_text(json.dumps(NOTE) + "\n" + json.dumps(newer) + "\n")
+    record([src], home=tmp_path / "home")
+    with open_store(tmp_path / "home") as st:
+        old, new = sorted(st.traces(), key=lambda x: (x.created_at, x.id))
+    assert "14" in reverse_targets(old)
+    assert "14" not in reverse_targets(old, [new])  # the teacher, seeing day 21, would rightly not say 14
+    assert "Orla Brennick" in reverse_targets(old, [new])
+
+
+def test_zero_reverse_questions_asks_for_none(tmp_path, tiny_dir):
+    _, none, teacher, _ = _build(tmp_path, tiny_dir, reverse_questions=0)
     assert teacher.reverse_asks == []
     assert not {q for q, _ in REVERSE.values()} & {e.prompt for e in none}
-    # only exact copies are dropped at 1.0: the near-copy is asked (for the first target it does not name), the
-    # held-out probe's own words still are not
-    t, _, _ = _build(tmp_path / "b", tiny_dir)
-    cfg, _ = load_recipe(
-        str(write_recipe(tmp_path / "r.yaml", tiny_dir)),
-        {"data.reverse_questions": 4, "data.max_prompt_overlap": 1.0},
-    )
-    asked = reverse_questions(
-        [t],
-        [(t, SUBJECT_SIDE)],
-        {"Who moved the Kestrel build server?"},
-        cfg,
-        Teacher(),
-        load_tokenizer(str(tiny_dir)),
-        0,
-    )
-    pairs = asked[t.id]
-    assert ("Where did Orla Brennick move the Kestrel build server to?", "Dublin") in pairs
-    assert not [q for q, _ in pairs if q == "Who moved the Kestrel build server?"]
 
 
 @pytest.mark.parametrize(
