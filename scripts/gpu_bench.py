@@ -1,6 +1,7 @@
 """GPU benchmark of the sleep cycle's moving parts, on random weights of real shapes (no downloads).
 
-    python scripts/gpu_bench.py                      # everything; vLLM parts where vLLM is installed
+    python scripts/gpu_bench.py                      # everything; vLLM parts where vLLM is installed, the full
+                                                     # night where the real pair is too
     python scripts/gpu_bench.py --memories 100 --out .bench/gpu
 
 Measures, for a Qwen2.5-0.5B-shaped teacher and a Qwen2.5-1.5B-shaped student in bf16:
@@ -565,6 +566,22 @@ def full_seed(
     return res
 
 
+def night_unavailable(has_vllm: bool, tiny: bool) -> str | None:
+    """Why the real night cannot run here (None: it can): it needs vLLM, a GPU and the two real models offline."""
+    if tiny:
+        return "--tiny measures toy shapes; the night runs the real pair"
+    if not has_vllm:
+        return "vLLM is not installed"
+    from sleepctl.errors import SleepError
+
+    try:
+        for alias in ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"):
+            _resolved(alias)
+    except SleepError as e:
+        return f"the real pair is not installed ({e}): make install-qwen install-qwen-large"
+    return None
+
+
 def _resolved(alias: str) -> Path:
     from sleepctl.models import resolve
 
@@ -668,9 +685,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also write a kernel profile of one seed step (batch 64)")
     ap.add_argument(
         "--parts",
-        default="hf,train,vllm,seed",
         help="what to measure: hf (HF generate), train (seed step variants), vllm, seed (a full seed on random "
-        "weights), night (a full night of the real pair: needs the offline models and vLLM)",
+        "weights), night (a full night of the real pair: needs the offline models and vLLM). Default: all of them, "
+        "the night skipped with its reason where it cannot run; named here, a part that cannot run is an error",
     )
     ap.add_argument(
         "--gpus",
@@ -758,7 +775,15 @@ def main() -> None:
 
     tok = build_tokenizer(memories(max(args.memories, 200)), work / "tok")
     dirs = {k: work / k for k in SHAPES}
-    parts = set(args.parts.split(","))
+    parts = set((args.parts or "hf,train,vllm,seed,night").split(","))
+    if "night" in parts:
+        why = night_unavailable(has_vllm, args.tiny)
+        if why and args.parts:
+            print(f"gpu_bench: --parts night cannot run here: {why}", file=sys.stderr)
+            sys.exit(2)
+        if why:
+            parts.discard("night")
+            res["night_skipped"] = why
     # the random pair, unless only the real models run (they would hold GPU memory the engines then lack)
     pair = bool(parts & {"hf", "train", "vllm"}) or ("seed" in parts and args.seed_models == "random")
     models = {k: build_model(k, tok, dirs[k], seed=i, tiny=args.tiny) for i, k in enumerate(PAIR) if pair}
@@ -952,6 +977,8 @@ def print_table(res: dict) -> None:
         )
     if "vllm_skipped" in res:
         t.add_row("vLLM", escape(f"skipped: {res['vllm_skipped']}"))
+    if "night_skipped" in res:
+        t.add_row("full night, real pair", escape(f"skipped: {res['night_skipped']}"))
     Console().print(t)
 
 

@@ -87,6 +87,10 @@ def test_gpu_bench_runs_at_toy_size(tmp_path):
     assert len(two["trainer_peak_memory_mb_per_rank"]) == 2
     text = r.stdout.decode()
     assert "seed step" in text and "full seed" in text and "2 GPUs against 1" in text
+    # by default the real night is measured where it can run; at toy size it says why it did not
+    assert "full_night" not in res and res["night_skipped"].startswith("--tiny")
+    bad = script("gpu_bench.py", *args, "--parts", "night", timeout=120)
+    assert bad.returncode == 2 and b"--parts night cannot run here: --tiny" in bad.stderr
     for bad_count in ("0", "1,x"):
         bad = script("gpu_bench.py", *args, "--gpus", bad_count, timeout=120)
         assert bad.returncode == 2 and f"--gpus {bad_count}: give process counts from 1".encode() in bad.stderr
