@@ -37,13 +37,14 @@ lint: install
 	$(VENV)/bin/ruff check sleepctl tests scripts
 	$(VENV)/bin/ruff format --check sleepctl tests scripts
 
-# The main job on four memories of the bundled example set: record, seed, eval. qwen2.5-coder-0.5b teaches
-# itself (recipes/demo-cpu.yaml): SmolLM2-135M, the quick recipe's model, learned next to nothing in 20 minutes.
+# The main job on four memories of the bundled example set: record, seed, eval beside naive SFT on the raw
+# memories at the same steps. qwen2.5-coder-0.5b teaches itself (recipes/demo-cpu.yaml): SmolLM2-135M, the quick
+# recipe's model, learned next to nothing in 20 minutes.
 demo: install-qwen
 	rm -rf $(DEMO_HOME)
 	head -n 4 examples/memories.jsonl | $(VENV)/bin/sleepctl record - --home $(DEMO_HOME)
 	$(VENV)/bin/sleepctl seed --recipe demo-cpu --home $(DEMO_HOME)
-	$(VENV)/bin/sleepctl eval --home $(DEMO_HOME)
+	$(VENV)/bin/sleepctl eval --baselines --home $(DEMO_HOME)
 
 # record -> seed -> eval with baselines; one table, results as JSON under .bench/
 RECIPE ?= quick-cpu
