@@ -137,7 +137,7 @@ class Training(Strict):
         False,
         description="the student's distillation, imitation and anchor passes as one forward (fewer kernel "
         "launches, more padding); the same loss. On an H200 (1.5B student, batch 24) a step's training 0.85 -> 0.50 s "
-        "for 11 GiB more memory; off by default, where a CPU's arithmetic gains nothing from fewer launches",
+        "for 11 GiB more memory (qwen-small-large sets it); off by default: not measured on a CPU",
     )
     fused_lora: bool = Field(
         True,
