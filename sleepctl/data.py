@@ -150,8 +150,7 @@ def build_data(
             if p not in seen and p not in user_heldout:  # held-out probes never train
                 seen.add(p)
                 prompts.append((t, p))
-    every_heldout = heldout_q | {p.question for p in st.probes(split="heldout")}  # older memories' too
-    answer_of = reverse_questions(traces, prompts, every_heldout, recipe, t_engine, t_tok, seed, related)
+    answer_of = reverse_questions(traces, prompts, heldout_q, st, recipe, t_engine, t_tok, seed, related)
     prompts += [(t, q) for t in traces for q, _ in answer_of.get(t.id, [])]
     answers = teacher_answers(recipe, t_engine, t_tok, [(p, context(t, related)) for t, p in prompts], seed)
     # Restatements: the teacher does not write these answers, it scores them. The output is the memory
@@ -217,6 +216,7 @@ def reverse_questions(
     traces: list[Trace],
     prompts: list[tuple[Trace, str]],
     heldout: set[str],
+    st: Store,
     recipe: Recipe,
     t_engine,
     t_tok,
@@ -235,19 +235,15 @@ def reverse_questions(
     asks = [(t, v) for t in traces for v in reverse_targets(t, (related or {}).get(t.id))] if n else []
     if not asks:
         return {}
-    out = t_engine.generate(
-        [render(t_tok, d.system_prompt, value_question_request(t.text, v, n)) for t, v in asks],
-        max_new_tokens=max(128, 24 * n),
-        temperature=0.0,
-        seed=seed + 13,
-    )
+    written = value_questions(asks, n, recipe, t_engine, t_tok, seed + 13)
     kept: dict[str, list[Counter[str]]] = {t.id: [] for t in traces}
     for x, p in prompts:
         kept[x.id].append(token_bag(p))
-    probes = [token_bag(p) for p in heldout]
+    # every held-out probe of the home, older memories' too, and tonight's teacher probes not yet stored
+    probes = [token_bag(p) for p in heldout | {p.question for p in st.probes(split="heldout")}]
     res: dict[str, list[tuple[str, str]]] = {}
-    for (t, v), text in zip(asks, out.texts):
-        for q in parse_questions(text, n):
+    for (t, v), qs in zip(asks, written):
+        for q in qs:
             if contains_match(q, v) or mentions(q, {v}):
                 continue
             bag = token_bag(q)
@@ -381,18 +377,25 @@ def update_questions(
     asks = [(t, v, newer) for t in olds for v, newer in sorted(by.get(t.id, {}).items())] if n else []
     if not asks:
         return []
-    sysp = recipe.data.system_prompt
+    written = value_questions([(t, v) for t, v, _ in asks], n, recipe, t_engine, t_tok, seed + 11)
+    res: list[tuple[Trace, str, Trace]] = []
+    for (t, _, newer), qs in zip(asks, written):
+        have = {q for o, q, _ in res if o.id == t.id}
+        res += [(t, q, newer) for q in qs if q not in have and not mentions(q, set(by[t.id]))]
+    return res
+
+
+def value_questions(
+    asks: list[tuple[Trace, str]], n: int, recipe: Recipe, t_engine, t_tok, seed: int
+) -> list[list[str]]:
+    """Per (memory, value): up to `n` questions the teacher writes whose answer is that value (greedy)."""
     out = t_engine.generate(
-        [render(t_tok, sysp, value_question_request(t.text, v, n)) for t, v, _ in asks],
+        [render(t_tok, recipe.data.system_prompt, value_question_request(t.text, v, n)) for t, v in asks],
         max_new_tokens=max(128, 24 * n),
         temperature=0.0,
-        seed=seed + 11,
+        seed=seed,
     )
-    res: list[tuple[Trace, str, Trace]] = []
-    for (t, _, newer), text in zip(asks, out.texts):
-        have = {q for o, q, _ in res if o.id == t.id}
-        res += [(t, q, newer) for q in parse_questions(text, n) if q not in have and not mentions(q, set(by[t.id]))]
-    return res
+    return [parse_questions(text, n) for text in out.texts]
 
 
 # a value: a time, an ordinal, a code like G-41, or a number (with the word after it: its unit, as in "per")
