@@ -658,7 +658,14 @@ def full_night(n: int, work: Path, overrides: dict) -> dict:
         "seed_s": t_seed,
         "dream_s": wall - t_seed,
         "steps": s.steps,
-        "dream": {"status": d.status, "made_current": d.made_current, "dreams": d.dreams, "rewarded": d.rewarded},
+        "dream": {
+            "status": d.status,
+            "made_current": d.made_current,
+            "dreams": d.dreams,
+            "kept": d.kept,
+            "rewarded": d.rewarded,
+            "phases_s": d.phases_s,
+        },
         "in_seed_rollout_tokens_per_s": sum(t for t, _ in ro) / max(1e-9, sum(x for _, x in ro)),
         "train_s_per_step": sum(x["step_s"] - (x.get("rollout_s") or 0.0) for x in rows) / len(rows),
         "peak_gpu_memory_gb": peak,
@@ -966,6 +973,8 @@ def print_table(res: dict) -> None:
             f"{n['night_wall_s']:.0f} s (seed {n['seed_s']:.0f} s, dream {n['dream_s']:.0f} s), peak "
             f"{n['peak_gpu_memory_gb']:.1f} GB",
         )
+        ph = n["dream"].get("phases_s") or {}
+        t.add_row("  the dream's phases", ", ".join(f"{k} {v:.0f} s" for k, v in ph.items()) or "-")
         t.add_row(
             "  in-seed rollouts / training per step",
             f"{n['in_seed_rollout_tokens_per_s']:,.0f} tok/s / {n['train_s_per_step'] * 1000:.0f} ms",

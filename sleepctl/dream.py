@@ -101,6 +101,7 @@ class DreamResult(BaseModel):
     before: dict[str, float | None] = {}
     after: dict[str, float | None] = {}
     consolidation: dict[str, Any] | None = None
+    phases_s: dict[str, float] = {}  # seconds per phase in this run (a resumed run's saved phases take ~0)
     wall_s: float = 0.0
 
 
@@ -326,6 +327,14 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
     )
     seed_everything(tr.seed)
     sysp = cfg.data.system_prompt
+    phases: dict[str, float] = {}
+    mark = [time.time()]
+
+    def lap(phase: str) -> None:
+        """Close `phase`: where a night's dream spends its time is what makes it shorter."""
+        t = time.time()
+        phases[phase] = phases.get(phase, 0.0) + t - mark[0]
+        mark[0] = t
 
     def out_of_time() -> bool:
         return time.time() > deadline
@@ -340,6 +349,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             memories=len(recent_ids),
             replay=len(replay_ids),
             message=f"stopped by --max-minutes during {phase}; run again to continue",
+            phases_s=phases,
         )
 
     with run_status(st, rf):
@@ -353,6 +363,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         if cfg.engine == "vllm":
             eng = rollout_engine(cfg, model, tok, resolve(student_name).path, lora_capacity(cfg, len(under)), h)
             eng.frozen = stack_lora(under)
+        lap("load")
 
         # 1. dreams ------------------------------------------------------------------------------------
         dreams = _cached(rf, "dreams.json")
@@ -361,6 +372,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             if dreams is None:
                 return stopped("dreaming")
             _save(rf, "dreams.json", dreams)
+        lap("write")
         log(f"{len(dreams)} dreams")
         by_trace = {t.id: t for t in targets}
 
@@ -372,6 +384,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         if before is None:
             before = _gate_recall(model, tok, recent_p, replay_p, cfg, eng, version=-2)
             _save(rf, "before.json", before)
+        lap("gate_before")
 
         # 2. select by gradient score ------------------------------------------------------------------
         scores = _cached(rf, "scores.json")
@@ -395,6 +408,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                 mine = [d for d in dreams if d["trace_id"] == t.id]
                 kept += select_dreams(mine, scores, dc.top_k, dc.random_b, dc.max_overlap, pick)
             _save(rf, "kept.json", [d["id"] for d in kept])
+        lap("select")
         log(
             f"kept {len(kept)} dreams by gradient score (top {dc.top_k} + {dc.random_b} random per memory, "
             f"none sharing more than {dc.max_overlap:.0%} of its words with another kept for the same memory)"
@@ -405,13 +419,16 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         if rewards is None:
             rewards = {}
             init = {n: p.detach().clone() for n, p in adapter_state(model).items()}
+            untouched: dict[str, float] = {}  # a memory's probe NLL before any dream: the same for all its dreams
             for d in kept:
                 if out_of_time():
                     return stopped("reward")
                 t = by_trace[d["trace_id"]]
                 rp = reward_pairs(t, probes)
-                with torch.no_grad():
-                    nll_before = sft_loss(model, tok, sysp, rp)[0].item()
+                if t.id not in untouched:
+                    with torch.no_grad():
+                        untouched[t.id] = sft_loss(model, tok, sysp, rp)[0].item()
+                nll_before = untouched[t.id]
                 opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=dc.inner_lr)
                 for _ in range(dc.inner_steps):
                     opt.zero_grad(set_to_none=True)
@@ -427,6 +444,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                     "after": nll_after,
                 }
             _save(rf, "rewards.json", rewards)
+        lap("reward")
         good = [d for d in kept if rewards.get(d["id"], {}).get("reward")]
         log(f"{len(good)} of {len(kept)} kept dreams improved their memory's probe likelihood")
 
@@ -443,6 +461,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                 replay=len(replay_ids),
                 dreams=len(dreams),
                 kept=len(kept),
+                phases_s=phases,
             )
         opt, sched = make_optimizer(
             model, cfg.optim.model_copy(update={"lr": dc.lr, "warmup_steps": 0}), dc.train_steps
@@ -469,6 +488,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             label="dream",
         )
         step = loop.completed
+        lap("train")
         if loop.stopped:
             log(f"time budget reached at training step {step}: publishing what is trained")
         if step == 0:
@@ -476,6 +496,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
 
         # 5. publish; current only when nothing got worse -------------------------------------------------------
         after = _gate_recall(model, tok, recent_p, replay_p, cfg, eng, version=step)
+        lap("gate_after")
         worse = [k for k in before if before[k] is not None and after[k] < before[k]]
         metrics = {
             "dreams": len(dreams),
@@ -484,6 +505,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             "steps": step,
             "before": before,
             "after": after,
+            "phases_s": phases,
         }
         a = publish_adapter(
             h,
@@ -517,6 +539,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             steps=step,
             before=before,
             after=after,
+            phases_s=phases,
         )
         if not a.current:
             why = (

@@ -58,6 +58,17 @@ def test_dream_end_to_end(home, seeded, tiny_dir):
     dreams = json.loads((run / "dreams.json").read_text())
     assert {d["kind"] for d in dreams} <= {"implication", "qa", "rephrase", "combine"}
     assert len(json.loads((run / "scores.json").read_text())) == len(dreams)
+    # where the time went, per phase, in the result and in the run's summary
+    phases = ["load", "write", "gate_before", "select", "reward", "train", "gate_after"]
+    assert list(res.phases_s) == phases and all(v >= 0 for v in res.phases_s.values())
+    assert json.loads((run / "summary.json").read_text())["phases_s"] == res.phases_s
+    # a memory's probe NLL before any dream is one figure for all its dreams (measured once, reused)
+    rewards, kept = json.loads((run / "rewards.json").read_text()), json.loads((run / "kept.json").read_text())
+    trace_of = {d["id"]: d["trace_id"] for d in dreams}
+    befores = {}
+    for i in kept:
+        befores.setdefault(trace_of[i], set()).add(rewards[i]["before"])
+    assert all(len(v) == 1 for v in befores.values())
     with open_store(home) as st:
         a = st.adapter(res.adapter_id)
         # the dream refines the night's adapter in place: same place in the stack, it replaces the seed's
