@@ -10,7 +10,8 @@ of older ones:
 2. select: score each dream by the cosine between its SFT gradient and the gradient of the memory's
    reward-probe loss, on the newest adapter's parameters; keep the top `k` plus `b` random ones;
 3. reward: apply each kept dream to an isolated copy of the adapter for a few SFT steps; reward 1 when
-   the memory's reward-probe NLL drops (by `reward_margin`) below the untouched model's;
+   the memory's reward-probe NLL drops (by `reward_margin`) below the untouched model's. Steps 2 and 3
+   run `parallel` dreams per pass, each through a copy of its own (lora_copies.py);
 4. ReST-EM: train the adapter on the rewarded dreams mixed with replay of older memories, through the one
    training loop. The student is both the dreams' generator and the consolidation target;
 5. publish: the refined adapter replaces the newest one in the stack (same rank: serving cost does not
@@ -45,9 +46,11 @@ from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer, job_recipe
 from .home import Home, open_home, sleep_lock, write_atomic
 from .loop import train
+from .lora_copies import LoraCopies, gram
 from .models import load_model, resolve
-from .objectives import Pair, SFTObjective, sft_loss
+from .objectives import Pair, SFTObjective, group_nll
 from .prompts import entities, render, restatement
+from .recipe import Dream as DreamConfig
 from .recipe import Lora, Recipe
 from .records import Adapter, Probe, Trace
 from .runs import (
@@ -62,7 +65,7 @@ from .runs import (
 )
 from .scoring import contains_match, token_f1
 from .store import Store, now
-from .training import adapter_state, add_lora, make_optimizer
+from .training import add_lora, make_optimizer
 
 err = Console(stderr=True)
 
@@ -229,10 +232,87 @@ def reward_pairs(t: Trace, probes: list[Probe]) -> list[Pair]:
     return train or [restatement_pair(t)]
 
 
-def flat_grad(model, loss: torch.Tensor) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)])
+def _pack(jobs: list[tuple[Trace, list[dict[str, Any]]]], n: int) -> list[list[tuple[Trace, list[dict[str, Any]]]]]:
+    """Memories with some of their dreams, packed so each pack needs at most `n` copies (one per probe set and
+    one per dream)."""
+    packs, cur, size = [], [], 0
+    for t, ds in jobs:
+        if cur and size + 1 + len(ds) > n:
+            packs.append(cur)
+            cur, size = [], 0
+        cur.append((t, ds))
+        size += 1 + len(ds)
+    return packs + ([cur] if cur else [])
+
+
+def dream_scores(
+    model, tok, sysp: str, targets: list[Trace], dreams: list[dict[str, Any]], probes: list[Probe], n: int, out_of_time
+) -> dict[str, float] | None:
+    """Each dream's cosine between its SFT gradient and its memory's reward-probe gradient, on the newest
+    adapter's parameters; `n` gradients come out of one backward pass, one per copy of the adapter (copies
+    at zero delta: each one's gradient is the adapter's own). None: out of time."""
+    copies = LoraCopies(model, n)
+    jobs = []
+    for t in targets:
+        mine = [d for d in dreams if d["trace_id"] == t.id]
+        jobs += [(t, mine[i : i + n - 1]) for i in range(0, len(mine), n - 1)]
+    scores: dict[str, float] = {}
+    for pack in _pack(jobs, n):
+        if out_of_time():
+            return None
+        groups = [g for t, ds in pack for g in [reward_pairs(t, probes)] + [dream_pairs(d, t) for d in ds]]
+        with copies.active([j for j, g in enumerate(groups) for _ in g]):
+            loss = group_nll(model, tok, sysp, groups).sum()
+        dots = gram(torch.autograd.grad(loss, copies.params()), n)
+        norms = dots.diagonal().sqrt().clamp(min=1e-8)
+        j = 0
+        for _, ds in pack:
+            p, j = j, j + 1
+            for d in ds:
+                scores[d["id"]] = float(dots[j, p] / (norms[j] * norms[p]))
+                j += 1
+    return scores
+
+
+def dream_rewards(
+    model,
+    tok,
+    sysp: str,
+    kept: list[dict[str, Any]],
+    by_trace: dict[str, Trace],
+    probes: list[Probe],
+    dc: DreamConfig,
+    out_of_time,
+) -> dict[str, dict[str, float]] | None:
+    """Reward 1 for a dream when `inner_steps` SGD steps on it alone lower its memory's reward-probe NLL by more
+    than `reward_margin`. Each dream trains its own copy of the adapter, `parallel` dreams at a time; the
+    adapter itself is never changed. None: out of time."""
+    copies = LoraCopies(model, dc.parallel)
+    untouched: dict[str, float] = {}  # a memory's probe NLL before any dream: the same for all its dreams
+    rewards: dict[str, dict[str, float]] = {}
+    for i in range(0, len(kept), dc.parallel):
+        if out_of_time():
+            return None
+        chunk = kept[i : i + dc.parallel]
+        ts = [by_trace[d["trace_id"]] for d in chunk]
+        new = list(dict.fromkeys(t.id for t in ts if t.id not in untouched))
+        if new:
+            with torch.no_grad():
+                nll = group_nll(model, tok, sysp, [reward_pairs(by_trace[x], probes) for x in new])
+            untouched.update(zip(new, nll.tolist()))
+        copies.reset()
+        groups = [dream_pairs(d, t) for d, t in zip(chunk, ts)]
+        for _ in range(dc.inner_steps):
+            with copies.active([j for j, g in enumerate(groups) for _ in g]):
+                loss = group_nll(model, tok, sysp, groups).sum()
+            copies.sgd_step(torch.autograd.grad(loss, copies.params()), dc.inner_lr)
+        probe_sets = [reward_pairs(t, probes) for t in ts]
+        with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
+            after = group_nll(model, tok, sysp, probe_sets).tolist()
+        for d, t, a in zip(chunk, ts, after):
+            b = untouched[t.id]
+            rewards[d["id"]] = {"reward": int(b - a > dc.reward_margin), "before": b, "after": a}
+    return rewards
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -389,15 +469,10 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         # 2. select by gradient score ------------------------------------------------------------------
         scores = _cached(rf, "scores.json")
         if scores is None:
-            scores = {}
             model.train()
-            for t in targets:
-                g_p = flat_grad(model, sft_loss(model, tok, sysp, reward_pairs(t, probes))[0])
-                for d in (d for d in dreams if d["trace_id"] == t.id):
-                    if out_of_time():
-                        return stopped("selection")
-                    g_d = flat_grad(model, sft_loss(model, tok, sysp, dream_pairs(d, t))[0])
-                    scores[d["id"]] = torch.nn.functional.cosine_similarity(g_d, g_p, dim=0).item()
+            scores = dream_scores(model, tok, sysp, targets, dreams, probes, dc.parallel, out_of_time)
+            if scores is None:
+                return stopped("selection")
             _save(rf, "scores.json", scores)
         # The selection is saved: a resumed run must reward and train on the very dreams it kept before.
         by_id = {d["id"]: d for d in dreams}
@@ -417,32 +492,9 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         # 3. reward on an isolated temporary copy of the adapter ---------------------------------------------
         rewards = _cached(rf, "rewards.json")
         if rewards is None:
-            rewards = {}
-            init = {n: p.detach().clone() for n, p in adapter_state(model).items()}
-            untouched: dict[str, float] = {}  # a memory's probe NLL before any dream: the same for all its dreams
-            for d in kept:
-                if out_of_time():
-                    return stopped("reward")
-                t = by_trace[d["trace_id"]]
-                rp = reward_pairs(t, probes)
-                if t.id not in untouched:
-                    with torch.no_grad():
-                        untouched[t.id] = sft_loss(model, tok, sysp, rp)[0].item()
-                nll_before = untouched[t.id]
-                opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=dc.inner_lr)
-                for _ in range(dc.inner_steps):
-                    opt.zero_grad(set_to_none=True)
-                    sft_loss(model, tok, sysp, dream_pairs(d, t))[0].backward()
-                    opt.step()
-                with torch.no_grad():
-                    nll_after = sft_loss(model, tok, sysp, rp)[0].item()
-                    for n, p in adapter_state(model).items():
-                        p.copy_(init[n])  # back to the untouched adapter
-                rewards[d["id"]] = {
-                    "reward": int(nll_before - nll_after > dc.reward_margin),
-                    "before": nll_before,
-                    "after": nll_after,
-                }
+            rewards = dream_rewards(model, tok, sysp, kept, by_trace, probes, dc, out_of_time)
+            if rewards is None:
+                return stopped("reward")
             _save(rf, "rewards.json", rewards)
         lap("reward")
         good = [d for d in kept if rewards.get(d["id"], {}).get("reward")]

@@ -333,6 +333,30 @@ def sft_loss(model, tok, sysp: str, pairs: list[Pair]) -> tuple[torch.Tensor, in
     )
 
 
+def pair_nll(model, tok, sysp: str, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, the summed NLL of its answer tokens and how many there are. Only answer positions reach the
+    LM head, so a batch of many pairs (the dream's copies) stays small; every pair needs a prompt."""
+    seqs, starts = sft_tokens(tok, sysp, pairs)
+    if any(k == 0 for k in starts):
+        raise ValueError("pair_nll: every pair needs a prompt")
+    completions = [s[k:] for s, k in zip(seqs, starts)]
+    logits, mask = completion_logits(model, [s[:k] for s, k in zip(seqs, starts)], completions, tok.pad_token_id)
+    labels = labels_tensor(completions, logits.device)
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll.sum(1), mask.sum(1)
+
+
+def group_nll(model, tok, sysp: str, groups: list[list[Pair]]) -> torch.Tensor:
+    """Mean NLL per answer token of each group of pairs (as `sft_loss` of that group alone), in one batch."""
+    pairs = [p for g in groups for p in g]
+    which = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+    nll, n = pair_nll(model, tok, sysp, pairs)
+    which = which.to(nll.device)
+    total = torch.zeros(len(groups), device=nll.device, dtype=nll.dtype).index_add(0, which, nll)
+    count = torch.zeros(len(groups), device=nll.device, dtype=nll.dtype).index_add(0, which, n.to(nll.dtype))
+    return total / count
+
+
 class SFTObjective:
     """Next-token loss on answers (dream's rewarded dreams plus replay; the naive baseline's raw traces)."""
 
