@@ -286,31 +286,27 @@ def dream_rewards(
 ) -> dict[str, dict[str, float]] | None:
     """Reward 1 for a dream when `inner_steps` SGD steps on it alone lower its memory's reward-probe NLL by more
     than `reward_margin`. Each dream trains its own copy of the adapter, `parallel` dreams at a time; the
-    adapter itself is never changed. None: out of time."""
+    adapter itself is never changed. Before and after are measured on the same batch of probe sets, so only
+    the dream's steps separate them (in bf16, a batch of another shape rounds differently). None: out of time."""
     copies = LoraCopies(model, dc.parallel)
-    untouched: dict[str, float] = {}  # a memory's probe NLL before any dream: the same for all its dreams
     rewards: dict[str, dict[str, float]] = {}
     for i in range(0, len(kept), dc.parallel):
         if out_of_time():
             return None
         chunk = kept[i : i + dc.parallel]
         ts = [by_trace[d["trace_id"]] for d in chunk]
-        new = list(dict.fromkeys(t.id for t in ts if t.id not in untouched))
-        if new:
-            with torch.no_grad():
-                nll = group_nll(model, tok, sysp, [reward_pairs(by_trace[x], probes) for x in new])
-            untouched.update(zip(new, nll.tolist()))
-        copies.reset()
         groups = [dream_pairs(d, t) for d, t in zip(chunk, ts)]
+        probe_sets = [reward_pairs(t, probes) for t in ts]
+        copies.reset()
+        with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
+            before = group_nll(model, tok, sysp, probe_sets).tolist()
         for _ in range(dc.inner_steps):
             with copies.active([j for j, g in enumerate(groups) for _ in g]):
                 loss = group_nll(model, tok, sysp, groups).sum()
             copies.sgd_step(torch.autograd.grad(loss, copies.params()), dc.inner_lr)
-        probe_sets = [reward_pairs(t, probes) for t in ts]
         with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
             after = group_nll(model, tok, sysp, probe_sets).tolist()
-        for d, t, a in zip(chunk, ts, after):
-            b = untouched[t.id]
+        for d, b, a in zip(chunk, before, after):
             rewards[d["id"]] = {"reward": int(b - a > dc.reward_margin), "before": b, "after": a}
     return rewards
 
@@ -399,7 +395,10 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
     key = {"parent": current}
     resolved = cfg.model_dump()
     # the limits of one night are not part of the work: tomorrow's run with other limits continues it
-    resolved["dream"] = {k: v for k, v in resolved["dream"].items() if k not in ("max_minutes", "max_dreams")}
+    # nor is how many dreams share a pass (`parallel`, lowered when memory runs short)
+    resolved["dream"] = {
+        k: v for k, v in resolved["dream"].items() if k not in ("max_minutes", "max_dreams", "parallel")
+    }
     ids = [t.id for t in targets]
     rf = find_resumable(h, st, "dream", resolved, ids, key) or start_run(h, st, "dream", resolved, ids, key)
     log(

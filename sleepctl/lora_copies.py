@@ -29,6 +29,12 @@ class LoraCopies:
         self.layers = [m for m in model.modules() if isinstance(m, Linear) and adapter in m.lora_A]
         if not self.layers:
             raise ValueError(f"no LoRA layer holds the adapter {adapter!r}")
+        # every trainable tensor must have its copies: a LoRA on another layer type (an embedding) would be
+        # left out silently, and the copies would not be the adapter
+        copied = {id(w) for m in self.layers for w in (m.lora_A[adapter].weight, m.lora_B[adapter].weight)}
+        left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in copied]
+        if left:
+            raise ValueError(f"copies cover LoRA Linear layers only; trainable but not copied: {left[0]}")
         self.adapter, self.n = adapter, n
         self.deltas: list[tuple[torch.Tensor, torch.Tensor]] = []
         for m in self.layers:
@@ -59,7 +65,7 @@ class LoraCopies:
         self.rows = torch.tensor(rows, dtype=torch.long, device=self.deltas[0][0].device)
         if int(self.rows.max()) >= self.n or int(self.rows.min()) < 0:
             raise ValueError(f"rows name copies outside 0..{self.n - 1}")
-        handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        handles = [m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.layers)]
         try:
             yield self
         finally:
@@ -70,8 +76,8 @@ class LoraCopies:
     def _hook(self, i: int):
         a, b = self.deltas[i]
 
-        def add_copy(mod, args, out):
-            x = args[0]
+        def add_copy(mod, args, kwargs, out):
+            x = args[0] if args else kwargs["x"]
             n = x.shape[0]
             if self.rows is None or n != len(self.rows):
                 given = 0 if self.rows is None else len(self.rows)

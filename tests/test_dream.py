@@ -62,13 +62,6 @@ def test_dream_end_to_end(home, seeded, tiny_dir):
     phases = ["load", "write", "gate_before", "select", "reward", "train", "gate_after"]
     assert list(res.phases_s) == phases and all(v >= 0 for v in res.phases_s.values())
     assert json.loads((run / "summary.json").read_text())["phases_s"] == res.phases_s
-    # a memory's probe NLL before any dream is one figure for all its dreams (measured once, reused)
-    rewards, kept = json.loads((run / "rewards.json").read_text()), json.loads((run / "kept.json").read_text())
-    trace_of = {d["id"]: d["trace_id"] for d in dreams}
-    befores = {}
-    for i in kept:
-        befores.setdefault(trace_of[i], set()).add(rewards[i]["before"])
-    assert all(len(v) == 1 for v in befores.values())
     with open_store(home) as st:
         a = st.adapter(res.adapter_id)
         # the dream refines the night's adapter in place: same place in the stack, it replaces the seed's
@@ -95,7 +88,8 @@ def test_time_budget_stops_cleanly_then_resumes(home, seeded):
     assert json.loads(r.stdout)["status"] == "stopped"
     with open_store(home) as st:
         assert st.current_adapter_id() == first.adapter_id
-    res = dream(str(recipe), home=home, show_progress=False)
+    # how many dreams share a pass is no part of the work: a run stopped at 8 continues at 2
+    res = dream(str(recipe), home=home, show_progress=False, overrides={"dream.parallel": 2})
     # the resumed run is the run an uninterrupted one would have been: its dreams are drawn from a key of the
     # night's memories and the seed (once from the adapter id, time and random bits, so whether any dream
     # earned a reward changed from run to run)

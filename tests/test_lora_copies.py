@@ -115,10 +115,27 @@ def test_sgd_on_copies_is_sgd_on_isolated_adapters_and_leaves_the_adapter_alone(
 
 
 def test_copies_work_over_a_fused_adapter_under_autocast(tiny_dir):
-    """On a GPU the LoRA layers are the fused class and run under autocast: the hooks add there too."""
+    """On a GPU the LoRA layers are the fused class and run under autocast: the hooks add there too, and a
+    copy's gradient is the adapter's own to bf16's precision."""
     base, tok = load_model(str(tiny_dir), "cpu", "bfloat16")
     model = add_lora(base, Lora(r=4, alpha=8), fused=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
     copies = LoraCopies(model, 2)
+    pairs = GROUPS[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with copies.active([1] * len(pairs)):
+            got = torch.autograd.grad(group_nll(model, tok, SYSP, [pairs]).sum(), copies.params())
+        model.zero_grad(set_to_none=True)
+        group_nll(model, tok, SYSP, [pairs]).sum().backward()
+    want = [w.grad for m in copies.layers for w in (m.lora_A[NEW].weight, m.lora_B[NEW].weight)]
+    flat_got = torch.cat([g[1].reshape(-1) for g in got])
+    flat_want = torch.cat([w.reshape(-1) for w in want])
+    assert torch.nn.functional.cosine_similarity(flat_got, flat_want, dim=0) > 0.999
+    assert (flat_got - flat_want).norm() < 0.03 * flat_want.norm()
+    assert all(g[0].abs().max() == 0 for g in got)  # no row went through copy 0
     with torch.no_grad():
         copies.deltas[0][1][1].normal_(0, 0.5)  # copy 1's B delta on the first layer
     ids = torch.tensor([[5, 17, 300, 9, 44, 12], [5, 17, 300, 9, 44, 12]])
@@ -142,6 +159,26 @@ def test_bad_rows_are_refused(model_tok, tiny_dir):
     base, _ = load_model(str(tiny_dir), "cpu", "float32")
     with pytest.raises(ValueError, match="no LoRA layer"):
         LoraCopies(base, 2)
+    # a LoRA on the embedding too: its copies would be missing, and the copies would not be the adapter
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    emb = next(n for n in ("embed_tokens", "wte") if n in names)
+    both = add_lora(base, Lora(r=4, alpha=8, target_modules=["q_proj", emb]), fused=False)
+    with pytest.raises(ValueError, match="trainable but not copied"):
+        LoraCopies(both, 2)
+
+
+def test_a_layer_called_with_its_input_as_a_keyword_gets_its_copy(model_tok):
+    model, _ = model_tok
+    copies = LoraCopies(model, 2)
+    layer = copies.layers[0]
+    with torch.no_grad():
+        copies.deltas[0][1][1].normal_(0, 0.5)
+        x = torch.randn(2, 3, layer.in_features, dtype=torch.float64)
+        plain = layer(x)
+        with copies.active([0, 1]):
+            out = layer(x=x)
+    torch.testing.assert_close(out[0], plain[0])
+    assert (out[1] - plain[1]).abs().max() > 1e-3
 
 
 def _traces_and_dreams():
@@ -190,6 +227,7 @@ def test_dream_rewards_match_isolated_sgd_per_dream(model_tok):
     ts, probes, dreams = _traces_and_dreams()
     dc = Dream(parallel=3, inner_steps=2, inner_lr=0.5)
     by_trace = {t.id: t for t in ts}
+    dreams = [dreams[0], dreams[3], dreams[1], dreams[2]]  # a chunk of three holds both memories' dreams
     got = dream_rewards(model, tok, SYSP, dreams, by_trace, probes, dc, lambda: False)
     assert set(got) == {d["id"] for d in dreams}
     for d in dreams:
