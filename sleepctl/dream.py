@@ -10,8 +10,8 @@ of older ones:
 2. select: score each dream by the cosine between its SFT gradient and the gradient of the memory's
    reward-probe loss, on the newest adapter's parameters; keep the top `k` plus `b` random ones;
 3. reward: apply each kept dream to an isolated copy of the adapter for a few SFT steps; reward 1 when
-   the memory's reward-probe NLL drops (by `reward_margin`) below the untouched model's. Steps 2 and 3
-   run `parallel` dreams per pass, each through a copy of its own (lora_copies.py);
+   the memory's reward-probe NLL drops (by `reward_margin`) below the untouched model's. On a GPU steps 2
+   and 3 run `parallel` dreams per pass, each through a copy of its own (lora_copies.py);
 4. ReST-EM: train the adapter on the rewarded dreams mixed with replay of older memories, through the one
    training loop. The student is both the dreams' generator and the consolidation target;
 5. publish: the refined adapter replaces the newest one in the stack (same rank: serving cost does not
@@ -46,7 +46,7 @@ from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer, job_recipe
 from .home import Home, open_home, sleep_lock, write_atomic
 from .loop import train
-from .lora_copies import LoraCopies, gram
+from .lora_copies import LoraCopies
 from .models import load_model, resolve
 from .objectives import Pair, SFTObjective, group_nll
 from .prompts import entities, render, restatement
@@ -232,45 +232,55 @@ def reward_pairs(t: Trace, probes: list[Probe]) -> list[Pair]:
     return train or [restatement_pair(t)]
 
 
-def _pack(jobs: list[tuple[Trace, list[dict[str, Any]]]], n: int) -> list[list[tuple[Trace, list[dict[str, Any]]]]]:
-    """Memories with some of their dreams, packed so each pack needs at most `n` copies (one per probe set and
-    one per dream)."""
-    packs, cur, size = [], [], 0
-    for t, ds in jobs:
-        if cur and size + 1 + len(ds) > n:
-            packs.append(cur)
-            cur, size = [], 0
-        cur.append((t, ds))
-        size += 1 + len(ds)
-    return packs + ([cur] if cur else [])
+def _copy_grads(model, tok, sysp: str, copies: LoraCopies, groups: list[list[Pair]]) -> tuple[torch.Tensor, ...]:
+    """Per LoRA tensor, [copies, ...]: group j's SFT gradient in copy j (a zero delta: the adapter's own).
+    A single copy is the adapter itself: no hooks (on a CPU they cost a third more per pass)."""
+    if copies.n == 1:
+        return tuple(
+            g.unsqueeze(0) for g in torch.autograd.grad(group_nll(model, tok, sysp, groups).sum(), copies.weights())
+        )
+    with copies.active([j for j, g in enumerate(groups) for _ in g]):
+        loss = group_nll(model, tok, sysp, groups).sum()
+    return torch.autograd.grad(loss, copies.params())
 
 
 def dream_scores(
     model, tok, sysp: str, targets: list[Trace], dreams: list[dict[str, Any]], probes: list[Probe], n: int, out_of_time
 ) -> dict[str, float] | None:
     """Each dream's cosine between its SFT gradient and its memory's reward-probe gradient, on the newest
-    adapter's parameters; `n` gradients come out of one backward pass, one per copy of the adapter (copies
-    at zero delta: each one's gradient is the adapter's own). None: out of time."""
+    adapter's parameters, `n` gradients a backward pass (one per copy of the adapter). Memories go in blocks
+    whose dreams fill a pass: one pass for the block's probe sets, then its dreams; probe sets and dreams are
+    kept apart because a short probe answer padded to a dream's length is wasted work. None: out of time."""
     copies = LoraCopies(model, n)
-    jobs = []
-    for t in targets:
-        mine = [d for d in dreams if d["trace_id"] == t.id]
-        jobs += [(t, mine[i : i + n - 1]) for i in range(0, len(mine), n - 1)]
+    mine = [(t, ds) for t in targets if (ds := [d for d in dreams if d["trace_id"] == t.id])]
     scores: dict[str, float] = {}
-    for pack in _pack(jobs, n):
+    i = 0
+    while i < len(mine):
+        block, size = [mine[i]], len(mine[i][1])
+        i += 1
+        while i < len(mine) and len(block) < n and size + len(mine[i][1]) <= n:
+            block.append(mine[i])
+            size += len(mine[i][1])
+            i += 1
         if out_of_time():
             return None
-        groups = [g for t, ds in pack for g in [reward_pairs(t, probes)] + [dream_pairs(d, t) for d in ds]]
-        with copies.active([j for j, g in enumerate(groups) for _ in g]):
-            loss = group_nll(model, tok, sysp, groups).sum()
-        dots = gram(torch.autograd.grad(loss, copies.params()), n)
-        norms = dots.diagonal().sqrt().clamp(min=1e-8)
-        j = 0
-        for _, ds in pack:
-            p, j = j, j + 1
-            for d in ds:
-                scores[d["id"]] = float(dots[j, p] / (norms[j] * norms[p]))
-                j += 1
+        g_p = _copy_grads(model, tok, sysp, copies, [reward_pairs(t, probes) for t, _ in block])
+        todo = [(j, d, t) for j, (t, ds) in enumerate(block) for d in ds]
+        for k in range(0, len(todo), n):
+            if out_of_time():
+                return None
+            part = todo[k : k + n]
+            g_d = _copy_grads(model, tok, sysp, copies, [dream_pairs(d, t) for _, d, t in part])
+            mem = torch.tensor([j for j, _, _ in part], device=g_p[0].device)
+            rows = [
+                (d[: len(part)].reshape(len(part), -1).double(), p[mem].reshape(len(part), -1).double())
+                for d, p in zip(g_d, g_p)
+            ]
+            dot = sum((d * p).sum(1) for d, p in rows)
+            norm_d = sum(d.pow(2).sum(1) for d, _ in rows).sqrt().clamp(min=1e-8)
+            norm_p = sum(p.pow(2).sum(1) for _, p in rows).sqrt().clamp(min=1e-8)
+            for (_, d, _), c in zip(part, (dot / (norm_d * norm_p)).tolist()):
+                scores[d["id"]] = c
     return scores
 
 
@@ -282,31 +292,52 @@ def dream_rewards(
     by_trace: dict[str, Trace],
     probes: list[Probe],
     dc: DreamConfig,
+    n: int,
     out_of_time,
 ) -> dict[str, dict[str, float]] | None:
     """Reward 1 for a dream when `inner_steps` SGD steps on it alone lower its memory's reward-probe NLL by more
-    than `reward_margin`. Each dream trains its own copy of the adapter, `parallel` dreams at a time; the
-    adapter itself is never changed. Before and after are measured on the same batch of probe sets, so only
-    the dream's steps separate them (in bf16, a batch of another shape rounds differently). None: out of time."""
-    copies = LoraCopies(model, dc.parallel)
+    than `reward_margin`. Each dream trains its own copy of the adapter, `n` dreams at a time; the adapter
+    itself is never changed. Before and after are measured on the same batch of probe sets, so only the
+    dream's steps separate them (in bf16, a batch of another shape rounds differently); a batch seen before
+    (one memory's, one dream at a time) is not measured again. None: out of time."""
+    copies = LoraCopies(model, n)
+    untouched: dict[tuple[str, ...], list[float]] = {}
     rewards: dict[str, dict[str, float]] = {}
-    for i in range(0, len(kept), dc.parallel):
+    for i in range(0, len(kept), n):
         if out_of_time():
             return None
-        chunk = kept[i : i + dc.parallel]
+        chunk = kept[i : i + n]
         ts = [by_trace[d["trace_id"]] for d in chunk]
         groups = [dream_pairs(d, t) for d, t in zip(chunk, ts)]
         probe_sets = [reward_pairs(t, probes) for t in ts]
-        copies.reset()
-        with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
-            before = group_nll(model, tok, sysp, probe_sets).tolist()
-        for _ in range(dc.inner_steps):
-            with copies.active([j for j, g in enumerate(groups) for _ in g]):
-                loss = group_nll(model, tok, sysp, groups).sum()
-            copies.sgd_step(torch.autograd.grad(loss, copies.params()), dc.inner_lr)
-        with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
-            after = group_nll(model, tok, sysp, probe_sets).tolist()
-        for d, b, a in zip(chunk, before, after):
+        key = tuple(t.id for t in ts)
+        if n == 1:  # one dream: step the adapter itself and put it back (no hooks: on a CPU a third faster)
+            if key not in untouched:
+                with torch.no_grad():
+                    untouched[key] = group_nll(model, tok, sysp, probe_sets).tolist()
+            weights = copies.weights()
+            init = [w.detach().clone() for w in weights]
+            for _ in range(dc.inner_steps):
+                grads = torch.autograd.grad(group_nll(model, tok, sysp, groups).sum(), weights)
+                with torch.no_grad():
+                    for w, g in zip(weights, grads):
+                        w.sub_(dc.inner_lr * g)
+            with torch.no_grad():
+                after = group_nll(model, tok, sysp, probe_sets).tolist()
+                for w, w0 in zip(weights, init):
+                    w.copy_(w0)
+        else:
+            copies.reset()
+            if key not in untouched:
+                with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
+                    untouched[key] = group_nll(model, tok, sysp, probe_sets).tolist()
+            for _ in range(dc.inner_steps):
+                with copies.active([j for j, g in enumerate(groups) for _ in g]):
+                    loss = group_nll(model, tok, sysp, groups).sum()
+                copies.sgd_step(torch.autograd.grad(loss, copies.params()), dc.inner_lr)
+            with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
+                after = group_nll(model, tok, sysp, probe_sets).tolist()
+        for d, b, a in zip(chunk, untouched[key], after):
             rewards[d["id"]] = {"reward": int(b - a > dc.reward_margin), "before": b, "after": a}
     return rewards
 
@@ -443,6 +474,9 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             eng = rollout_engine(cfg, model, tok, resolve(student_name).path, lora_capacity(cfg, len(under)), h)
             eng.frozen = stack_lora(under)
         lap("load")
+        # a GPU steps a batch of copies in about the time of one (kernel launches); a CPU pays for every row,
+        # the padding of the longest and the copies' hooks
+        copies_per_pass = dc.parallel or (8 if next(model.parameters()).device.type == "cuda" else 1)
 
         # 1. dreams ------------------------------------------------------------------------------------
         dreams = _cached(rf, "dreams.json")
@@ -469,7 +503,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         scores = _cached(rf, "scores.json")
         if scores is None:
             model.train()
-            scores = dream_scores(model, tok, sysp, targets, dreams, probes, dc.parallel, out_of_time)
+            scores = dream_scores(model, tok, sysp, targets, dreams, probes, copies_per_pass, out_of_time)
             if scores is None:
                 return stopped("selection")
             _save(rf, "scores.json", scores)
@@ -491,7 +525,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         # 3. reward on an isolated temporary copy of the adapter ---------------------------------------------
         rewards = _cached(rf, "rewards.json")
         if rewards is None:
-            rewards = dream_rewards(model, tok, sysp, kept, by_trace, probes, dc, out_of_time)
+            rewards = dream_rewards(model, tok, sysp, kept, by_trace, probes, dc, copies_per_pass, out_of_time)
             if rewards is None:
                 return stopped("reward")
             _save(rf, "rewards.json", rewards)

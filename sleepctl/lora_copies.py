@@ -32,7 +32,7 @@ class LoraCopies:
         # every trainable tensor must have its copies: a LoRA on another layer type (an embedding) would be
         # left out silently, and the copies would not be the adapter
         copied = {id(w) for m in self.layers for w in (m.lora_A[adapter].weight, m.lora_B[adapter].weight)}
-        left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in copied]
+        left = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in copied]
         if left:
             raise ValueError(f"copies cover LoRA Linear layers only; trainable but not copied: {left[0]}")
         self.adapter, self.n = adapter, n
@@ -47,6 +47,10 @@ class LoraCopies:
 
     def params(self) -> list[torch.Tensor]:
         return [t for ab in self.deltas for t in ab]
+
+    def weights(self) -> list[torch.Tensor]:
+        """The adapter's own tensors, in the order of `params()`."""
+        return [w for m in self.layers for w in (m.lora_A[self.adapter].weight, m.lora_B[self.adapter].weight)]
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -93,12 +97,3 @@ class LoraCopies:
             return out + (mod.scaling[self.adapter] * d).reshape(out.shape).to(out.dtype)
 
         return add_copy
-
-
-def gram(grads: list[torch.Tensor], n: int) -> torch.Tensor:
-    """[n, n] dot products between the copies' gradients, summed over every LoRA tensor (no flat copy of all)."""
-    out = torch.zeros((n, n), dtype=torch.float64, device=grads[0].device)
-    for g in grads:
-        f = g.reshape(n, -1).double()
-        out += f @ f.t()
-    return out

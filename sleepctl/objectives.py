@@ -317,8 +317,9 @@ def sft_tokens(tok, sysp: str, pairs: list[Pair]) -> tuple[list[list[int]], list
     return seqs, starts
 
 
-def sft_loss(model, tok, sysp: str, pairs: list[Pair]) -> tuple[torch.Tensor, int]:
-    """Mean NLL per answer token over the whole batch, and the number of answer tokens."""
+def pair_nll(model, tok, sysp: str, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, the summed NLL of its answer tokens and how many there are (`sft_loss` is their ratio over a
+    batch; the dream's copies need each pair's own)."""
     device = next(model.parameters()).device
     seqs, starts = sft_tokens(tok, sysp, pairs)
     ids, mask = pad_right(seqs, tok.pad_token_id, device)
@@ -328,22 +329,14 @@ def sft_loss(model, tok, sysp: str, pairs: list[Pair]) -> tuple[torch.Tensor, in
     with bf16_compute(model):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100), int(
-        (target != -100).sum()
-    )
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    return nll.sum(1), (target != -100).sum(1)
 
 
-def pair_nll(model, tok, sysp: str, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair, the summed NLL of its answer tokens and how many there are. Only answer positions reach the
-    LM head, so a batch of many pairs (the dream's copies) stays small; every pair needs a prompt."""
-    seqs, starts = sft_tokens(tok, sysp, pairs)
-    if any(k == 0 for k in starts):
-        raise ValueError("pair_nll: every pair needs a prompt")
-    completions = [s[k:] for s, k in zip(seqs, starts)]
-    logits, mask = completion_logits(model, [s[:k] for s, k in zip(seqs, starts)], completions, tok.pad_token_id)
-    labels = labels_tensor(completions, logits.device)
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return nll.sum(1), mask.sum(1)
+def sft_loss(model, tok, sysp: str, pairs: list[Pair]) -> tuple[torch.Tensor, int]:
+    """Mean NLL per answer token over the whole batch, and the number of answer tokens."""
+    nll, n = pair_nll(model, tok, sysp, pairs)
+    return nll.sum() / n.sum(), int(n.sum())
 
 
 def group_nll(model, tok, sysp: str, groups: list[list[Pair]]) -> torch.Tensor:

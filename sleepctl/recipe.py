@@ -233,11 +233,12 @@ class Dream(Strict):
         0.8, gt=0.0, le=1.0, description="a kept dream shares at most this token F1 with another of its memory"
     )
     inner_steps: int = Field(2, ge=1, le=50, description="SFT steps of the isolated temporary LoRA per dream")
-    parallel: int = Field(
-        8,
-        ge=2,
+    parallel: int | None = Field(
+        None,
+        ge=1,
         le=64,
-        description="copies of the adapter in one batch when scoring and rewarding dreams (more: faster, more memory)",
+        description="dreams scored and rewarded in one pass, each on its own copy of the adapter (default: 8 on a GPU, "
+        "1 on a CPU, where a batch is no faster)",
     )
     inner_lr: float = Field(1e-3, gt=0.0, le=1.0)
     reward_margin: float = Field(0.0, ge=0.0, description="probe NLL drop (nats/token) a dream must bring")
