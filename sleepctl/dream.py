@@ -232,16 +232,15 @@ def reward_pairs(t: Trace, probes: list[Probe]) -> list[Pair]:
     return train or [restatement_pair(t)]
 
 
+def _rows(groups: list[list[Pair]]) -> list[int]:
+    """The copy of each row of a batch of groups: group j's pairs run through copy j."""
+    return [j for j, g in enumerate(groups) for _ in g]
+
+
 def _copy_grads(model, tok, sysp: str, copies: LoraCopies, groups: list[list[Pair]]) -> tuple[torch.Tensor, ...]:
-    """Per LoRA tensor, [copies, ...]: group j's SFT gradient in copy j (a zero delta: the adapter's own).
-    A single copy is the adapter itself: no hooks (on a CPU they cost a third more per pass)."""
-    if copies.n == 1:
-        return tuple(
-            g.unsqueeze(0) for g in torch.autograd.grad(group_nll(model, tok, sysp, groups).sum(), copies.weights())
-        )
-    with copies.active([j for j, g in enumerate(groups) for _ in g]):
-        loss = group_nll(model, tok, sysp, groups).sum()
-    return torch.autograd.grad(loss, copies.params())
+    """Per LoRA tensor, [copies, ...]: group j's SFT gradient in copy j (a zero delta: the adapter's own)."""
+    with copies.active(_rows(groups)):
+        return copies.grad(group_nll(model, tok, sysp, groups).sum())
 
 
 def dream_scores(
@@ -297,7 +296,7 @@ def dream_rewards(
 ) -> dict[str, dict[str, float]] | None:
     """Reward 1 for a dream when `inner_steps` SGD steps on it alone lower its memory's reward-probe NLL by more
     than `reward_margin`. Each dream trains its own copy of the adapter, `n` dreams at a time; the adapter
-    itself is never changed. Before and after are measured on the same batch of probe sets, so only the
+    ends as it began. Before and after are measured on the same batch of probe sets, so only the
     dream's steps separate them (in bf16, a batch of another shape rounds differently); a batch seen before
     (one memory's, one dream at a time) is not measured again. None: out of time."""
     copies = LoraCopies(model, n)
@@ -311,32 +310,14 @@ def dream_rewards(
         groups = [dream_pairs(d, t) for d, t in zip(chunk, ts)]
         probe_sets = [reward_pairs(t, probes) for t in ts]
         key = tuple(t.id for t in ts)
-        if n == 1:  # one dream: step the adapter itself and put it back (no hooks: on a CPU a third faster)
-            if key not in untouched:
-                with torch.no_grad():
-                    untouched[key] = group_nll(model, tok, sysp, probe_sets).tolist()
-            weights = copies.weights()
-            init = [w.detach().clone() for w in weights]
-            for _ in range(dc.inner_steps):
-                grads = torch.autograd.grad(group_nll(model, tok, sysp, groups).sum(), weights)
-                with torch.no_grad():
-                    for w, g in zip(weights, grads):
-                        w.sub_(dc.inner_lr * g)
-            with torch.no_grad():
-                after = group_nll(model, tok, sysp, probe_sets).tolist()
-                for w, w0 in zip(weights, init):
-                    w.copy_(w0)
-        else:
-            copies.reset()
-            if key not in untouched:
-                with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
-                    untouched[key] = group_nll(model, tok, sysp, probe_sets).tolist()
-            for _ in range(dc.inner_steps):
-                with copies.active([j for j, g in enumerate(groups) for _ in g]):
-                    loss = group_nll(model, tok, sysp, groups).sum()
-                copies.sgd_step(torch.autograd.grad(loss, copies.params()), dc.inner_lr)
-            with torch.no_grad(), copies.active([j for j, g in enumerate(probe_sets) for _ in g]):
-                after = group_nll(model, tok, sysp, probe_sets).tolist()
+        if key not in untouched:
+            with torch.no_grad(), copies.active(_rows(probe_sets)):
+                untouched[key] = group_nll(model, tok, sysp, probe_sets).tolist()
+        for _ in range(dc.inner_steps):
+            copies.sgd_step(_copy_grads(model, tok, sysp, copies, groups), dc.inner_lr)
+        with torch.no_grad(), copies.active(_rows(probe_sets)):
+            after = group_nll(model, tok, sysp, probe_sets).tolist()
+        copies.reset()  # before anything returns: a single copy is the adapter itself
         for d, b, a in zip(chunk, untouched[key], after):
             rewards[d["id"]] = {"reward": int(b - a > dc.reward_margin), "before": b, "after": a}
     return rewards

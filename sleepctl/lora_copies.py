@@ -37,7 +37,10 @@ class LoraCopies:
             raise ValueError(f"copies cover LoRA Linear layers only; trainable but not copied: {left[0]}")
         self.adapter, self.n = adapter, n
         self.deltas: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for m in self.layers:
+        # one copy is the adapter itself, stepped in place and put back by reset(): no hooks, which on a CPU
+        # cost a third more per pass
+        self._init = [w.detach().clone() for w in self.weights()] if n == 1 else []
+        for m in self.layers if n > 1 else []:
             A, B = m.lora_A[adapter].weight, m.lora_B[adapter].weight
             # in the adapter's own dtype: PEFT keeps it float32 under a bf16 base, as the optimizer would see it
             a = torch.zeros((n, *A.shape), device=A.device, dtype=A.dtype, requires_grad=True)
@@ -46,30 +49,43 @@ class LoraCopies:
         self.rows: torch.Tensor | None = None
 
     def params(self) -> list[torch.Tensor]:
-        return [t for ab in self.deltas for t in ab]
+        """What the copies train: the deltas, or for a single copy the adapter's own tensors."""
+        return [t for ab in self.deltas for t in ab] if self.n > 1 else self.weights()
 
     def weights(self) -> list[torch.Tensor]:
         """The adapter's own tensors, in the order of `params()`."""
         return [w for m in self.layers for w in (m.lora_A[self.adapter].weight, m.lora_B[self.adapter].weight)]
 
-    @torch.no_grad()
-    def reset(self) -> None:
-        for t in self.params():
-            t.zero_()
+    def grad(self, loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per LoRA tensor, [n, ...]: copy j's gradient of `loss` (the adapter's own for a copy at zero delta)."""
+        grads = torch.autograd.grad(loss, self.params())
+        return grads if self.n > 1 else tuple(g.unsqueeze(0) for g in grads)
 
     @torch.no_grad()
-    def sgd_step(self, grads: list[torch.Tensor], lr: float) -> None:
-        """Plain SGD on every copy at once, as `torch.optim.SGD` (no momentum, no decay) steps one adapter."""
+    def reset(self) -> None:
+        """Every copy back to the adapter as it was when the copies were made."""
+        if self.n == 1:
+            for w, w0 in zip(self.weights(), self._init):
+                w.copy_(w0)
+        else:
+            for t in self.params():
+                t.zero_()
+
+    @torch.no_grad()
+    def sgd_step(self, grads: tuple[torch.Tensor, ...], lr: float) -> None:
+        """Plain SGD on every copy at once, as `torch.optim.SGD` (no momentum, no decay) steps one adapter;
+        `grads` as `grad()` gives them."""
         for t, g in zip(self.params(), grads):
-            t.sub_(lr * g)
+            t.sub_(lr * g.view_as(t))
 
     @contextmanager
     def active(self, rows: list[int]):
         """Within: row i of every batch the model sees runs through copy `rows[i]`."""
-        self.rows = torch.tensor(rows, dtype=torch.long, device=self.deltas[0][0].device)
-        if int(self.rows.max()) >= self.n or int(self.rows.min()) < 0:
+        if max(rows) >= self.n or min(rows) < 0:
             raise ValueError(f"rows name copies outside 0..{self.n - 1}")
-        handles = [m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.layers)]
+        self.rows = torch.tensor(rows, dtype=torch.long, device=self.weights()[0].device)
+        hooked = self.layers if self.n > 1 else []  # a single copy is the adapter: nothing to add
+        handles = [m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(hooked)]
         try:
             yield self
         finally:
