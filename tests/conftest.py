@@ -129,3 +129,13 @@ def wait_for_lines(home: Path, pattern: str, lines: int, timeout: float = 300) -
             return found[0]
         time.sleep(0.2)
     return None
+
+
+def randomize_lora_b(model, std: float) -> None:
+    """A trained-looking adapter: a fresh one (B = 0) changes nothing, so A gets no gradient and every KL is 0."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)

@@ -22,7 +22,7 @@ from sleepctl.vllm_engine import (
     unavailable_reason,
 )
 
-from .conftest import EXAMPLES, cli, write_recipe
+from .conftest import EXAMPLES, cli, randomize_lora_b, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,7 @@ def test_saved_adapter_is_a_peft_adapter_with_the_same_outputs(tiny_dir, tmp_pat
 
     base, tok = load_model(str(tiny_dir), "cpu", "float32")
     model = add_lora(base, Lora(r=4, alpha=8))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    randomize_lora_b(model, 0.05)
     from sleepctl.adapters import write_lora
 
     write_lora(live_lora(model), tmp_path / "a")  # what vLLM receives on each sync

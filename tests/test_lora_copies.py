@@ -16,6 +16,8 @@ from sleepctl.recipe import Dream, Lora
 from sleepctl.records import Probe, Trace
 from sleepctl.training import add_lora
 
+from .conftest import randomize_lora_b
+
 SYSP = "You are a helpful assistant."
 GROUPS = [
     [Pair("Where does the Kestrel build server run now?", "It runs in Tallinn since last Tuesday.")],
@@ -33,10 +35,7 @@ def model_tok(tiny_dir):
     base, tok = load_model(str(tiny_dir), "cpu", "float32")
     # float64: two SGD steps at a large rate amplify float32 rounding past what a test can tell from a bug
     model = add_lora(base, Lora(r=4, alpha=8), fused=False).double()
-    with torch.no_grad():  # a trained-looking adapter: with B at zero, A's gradient would be zero too
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    randomize_lora_b(model, 0.05)
     return model, tok
 
 
@@ -114,10 +113,7 @@ def test_copies_work_over_a_fused_adapter_under_autocast(tiny_dir):
     copy's gradient is the adapter's own to bf16's precision."""
     base, tok = load_model(str(tiny_dir), "cpu", "bfloat16")
     model = add_lora(base, Lora(r=4, alpha=8), fused=True)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    randomize_lora_b(model, 0.3)
     copies = LoraCopies(model, 2)
     pairs = GROUPS[1]
     with torch.autocast("cpu", dtype=torch.bfloat16):

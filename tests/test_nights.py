@@ -20,7 +20,7 @@ from sleepctl.memories import open_store
 from sleepctl.models import load_model
 from sleepctl.seed import seed
 
-from .conftest import EXAMPLES, cli, write_recipe
+from .conftest import EXAMPLES, cli, randomize_lora_b, write_recipe
 
 NIGHTS = {
     "replay": {"fraction": 0.5, "max_memories": 8, "sampling": "weakest", "max_related": 2},
@@ -548,10 +548,7 @@ def test_fused_lora_matches_peft_under_autocast(tiny_dir):
 
     base, _ = load_model(str(tiny_dir), "cpu", "bfloat16")
     a = add_lora(base, Lora(r=4, alpha=8), fused=False)
-    with torch.no_grad():
-        for n, p in a.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    randomize_lora_b(a, 0.3)
     b = copy.deepcopy(a)
     ref = copy.deepcopy(a).float()
     assert fuse_lora(b) > 0

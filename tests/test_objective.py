@@ -17,7 +17,7 @@ from sleepctl.objectives import SeedObjective
 from sleepctl.recipe import load_recipe
 from sleepctl.training import add_lora, bf16_compute, pad_right
 
-from .conftest import write_recipe
+from .conftest import randomize_lora_b, write_recipe
 
 BATCH = [
     Example("t1", "Where does the Kestrel build server run now?", ["It runs in Tallinn since last Tuesday."]),
@@ -32,10 +32,7 @@ def student(tiny_dir, cfg):
     torch.manual_seed(0)
     base, tok = load_model(str(tiny_dir), "cpu", "float32")
     model = add_lora(base, cfg.lora, fused=False)
-    with torch.no_grad():  # a trained-looking adapter: B is zero at the start, so every KL would be zero
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    randomize_lora_b(model, 0.05)
     return model, tok
 
 

@@ -14,7 +14,7 @@ import torch
 
 from sleepctl.vllm_engine import unavailable_reason
 
-from .conftest import EXAMPLES, cli, write_recipe
+from .conftest import EXAMPLES, cli, randomize_lora_b, write_recipe
 
 pytestmark = [
     pytest.mark.cuda,
@@ -92,10 +92,7 @@ def test_sync_serves_a_new_id_per_version_and_sampling_is_seeded(engine, trainer
     assert len(a.completion_ids) == 6 and a.completion_ids == b.completion_ids
     assert all(0 < len(c) <= 12 for c in a.completion_ids)
     assert all(tok.eos_token_id not in c[:-1] for c in a.completion_ids)  # nothing past a stop
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    randomize_lora_b(model, 0.5)
     engine.sync(model, version=1)
     assert engine.lora.lora_int_id != first and engine.version == 1
     c = engine.generate(["Where is the build server?"] * 2, max_new_tokens=12, temperature=1.0, num_samples=3, seed=5)
