@@ -546,6 +546,7 @@ def test_fused_lora_matches_peft_under_autocast(tiny_dir):
     from sleepctl.recipe import Lora
     from sleepctl.training import add_lora, fuse_lora
 
+    torch.manual_seed(0)  # the adapter's random weights, whatever ran before in this process
     base, _ = load_model(str(tiny_dir), "cpu", "bfloat16")
     a = add_lora(base, Lora(r=4, alpha=8), fused=False)
     randomize_lora_b(a, 0.3)
