@@ -149,6 +149,10 @@ def test_bad_dream_flags(home, seeded):
     _, recipe = seeded
     r = cli("dream", "--recipe", str(recipe), "--home", str(home), "--max-minutes", "-1")
     assert r.returncode == 2 and b"--max-minutes must be positive" in r.stderr
+    r = cli("dream", "--recipe", str(recipe), "--home", str(home), "--set", "dream.parallel=0")
+    assert r.returncode == 2 and b"dream.parallel" in r.stderr and b"greater than or equal to 1" in r.stderr
+    with open_store(home) as st:
+        assert st.runs("dream") == []  # refused before any run began
 
 
 def test_crontab_and_systemd_commands_are_valid_invocations():
