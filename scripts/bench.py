@@ -233,28 +233,36 @@ def main() -> None:
         if r is None:
             continue
         runs.append(r)
+        path = write_result(out / f"{name}.json", args, name, runs)  # after every seed: a cut run keeps the done ones
         if args.seeds > 1:
-            con.print(f"seed {k}: seed recall {100 * r['recall']['sleep']['contains']:.1f}% ({home})")
+            rec = r["recall"]["sleep"]
+            user = f", user probes {100 * rec['user']:.1f}%" if rec.get("user") is not None else ""
+            con.print(f"seed {k}: seed recall {100 * rec['contains']:.1f}%{user} ({home})")
     if not runs:
         return
-    first, summary = runs[0], summarize(runs)
+    first = runs[0]
+    print_tables(args, first, summarize(runs), len(runs))
+    if first["seed_dream"]:
+        con.print(f"dream: {first['seed_dream']['message']} ({first['seed_dream']['wall_s']:.0f} s)")
+    con.print(f"results: {path}")
+
+
+def write_result(path: Path, args, name: str, runs: list[dict]) -> Path:
+    """The seeds finished so far, mean ± sd over them in `summary`; `seeds_done` below `seeds` marks a cut run."""
     result = {
         "name": name,
         "recipe": args.recipe,
         "memories_file": args.memories,
         "machine": machine(),
         "seeds": args.seeds,
-        **first,  # one seed's figures as before; `summary` holds mean ± sd over all of them
-        "summary": summary,
+        "seeds_done": len(runs),
+        **runs[0],  # one seed's figures as before; `summary` holds mean ± sd over all of them
+        "summary": summarize(runs),
         "runs": runs if args.seeds > 1 else [],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
-    print_tables(args, first, summary, len(runs))
-    if first["seed_dream"]:
-        con.print(f"dream: {first['seed_dream']['message']} ({first['seed_dream']['wall_s']:.0f} s)")
-    con.print(f"results: {path}")
+    return path
 
 
 def print_tables(args, first: dict, summary: dict, n_seeds: int) -> None:

@@ -13,7 +13,7 @@ Measures, for a Qwen2.5-0.5B-shaped teacher and a Qwen2.5-1.5B-shaped student in
                        positions only (now) and over every position (before), batch 16 and 64
   vLLM extras          engine start, sleep / wake time and memory freed, LoRA sync time, log-prob check
   full seed            wall time of `sleepctl.seed` on N generated memories with the recipe
-                       qwen-small-large (150 steps of 16), engine start included
+                       qwen-small-large (its steps and batch), engine start included
 
 Random weights make the speed figures honest and the quality meaningless: a random model rarely stops,
 so every rollout runs to its token budget (the slowest case). The tokenizer is a byte-level BPE trained
@@ -684,7 +684,7 @@ def main() -> None:
         default="auto",
         help="engines of the full seed: auto (vllm if installed, else hf), hf, vllm, hf,vllm, none",
     )
-    ap.add_argument("--seed-steps", type=int, help="optimizer steps of the full seed (default: the recipe's 150)")
+    ap.add_argument("--seed-steps", type=int, help="optimizer steps of the full seed (default: the recipe's cap, 300)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default=str(ROOT / ".bench" / "gpu"))
     ap.add_argument("--work", help="scratch folder for the random models (default: a temporary one)")

@@ -59,7 +59,16 @@ def test_bench_seeds_give_mean_and_spread(tmp_path, tiny_dir, small_memories):
     stats = res["summary"]["recall"]["sleep"]["contains"]
     values = [x["recall"]["sleep"]["contains"] for x in res["runs"]]
     assert stats["n"] == 2 and abs(stats["mean"] - sum(values) / 2) < 1e-9
-    assert "±" in r.stdout.decode()
+    assert "±" in r.stdout.decode() and res["seeds_done"] == 2
+    assert "seed 1: seed recall" in r.stderr.decode() and "user probes" in r.stderr.decode()
+    # a run that breaks on its second seed keeps the first one's figures
+    (out / "cut" / "home-seed1").parent.mkdir(parents=True)
+    (out / "cut" / "home-seed1").write_text("not a home")
+    cut = script("bench.py", *common, "--no-baselines", "--seeds", "2", "--name", "cut")
+    assert cut.returncode != 0
+    kept = json.loads((out / "cut.json").read_text())
+    assert kept["seeds"] == 2 and kept["seeds_done"] == 1 and len(kept["runs"]) == 1
+    assert kept["summary"]["recall"]["sleep"]["contains"]["n"] == 1
     bad = script("bench.py", *common, "--seeds", "2", "--home", str(tmp_path / "h"), timeout=120)
     assert bad.returncode == 2 and b"one per seed" in bad.stderr
 
