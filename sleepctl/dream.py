@@ -40,7 +40,7 @@ from rich.console import Console
 from . import distributed
 from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
 from .anchor import AnchorText
-from .data import context, later, link
+from .data import _values, context, later, link
 from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer, job_recipe
@@ -49,7 +49,7 @@ from .loop import train
 from .lora_copies import LoraCopies
 from .models import load_model, resolve
 from .objectives import Pair, SFTObjective, group_nll
-from .prompts import entities, render, restatement
+from .prompts import _STOP, entities, render, restatement
 from .recipe import Dream as DreamConfig
 from .recipe import Lora, Recipe
 from .records import Adapter, Probe, Trace
@@ -99,6 +99,7 @@ class DreamResult(BaseModel):
     replay: int = 0
     dreams: int = 0
     kept: int = 0
+    invented: int = 0  # dreams dropped for stating a name or value their memories do not hold
     rewarded: int = 0
     steps: int = 0
     before: dict[str, float | None] = {}
@@ -186,6 +187,44 @@ def restatement_pair(t: Trace) -> Pair:
     return Pair(
         prompt=f"What do you remember about {names[0]}?" if names else "What do you remember?", answer=restatement(t)
     )
+
+
+_CAPS = re.compile(r"[A-Z][\w'\-]*(?:[ \t]+[A-Z][\w'\-]*)*")
+_WORD = re.compile(r"\w[\w'\-]*")
+# words that open a sentence or a question in front of a name without being part of it
+_OPENERS = _STOP | {
+    *"Is Are Was Were Do Does Did Can Could Will Would Should Has Have Had Who What Where Which Why How".split(),
+    *"After Before Because Since Then Now Today Yesterday Tomorrow Last Next As Both Each All Every Once Dear".split(),
+}
+
+
+def _plain_value(v: str) -> str:
+    return re.sub(r"(?<=\d)(?:st|nd|rd|th)$|,", "", v.lower())
+
+
+def invented(text: str, source: str) -> list[str]:
+    """Names and values a dream states that the memories it was written from do not hold.
+
+    A dream is the model's own writing; at the CPU demo's size 10 of 16 carried a misspelt or made-up name
+    ("Odra Brennick" for Orla, "Kit Verhoeven" for Tomasz) and the probe-NLL reward passed some of them, so
+    ReST-EM trained the wrong name in. A capitalised word unknown to the source is a name unless it only opens a
+    sentence ("Consequences:", "Which ...?"); one that opens a sentence in front of another capitalised word
+    ("Elliot Okafor") is a name unless it is a common opener ("Is Tomasz ..."); an owner ("Merryfield's") is one.
+    """
+    known = {w.lower() for w in _WORD.findall(source)}
+    values = {_plain_value(v) for v in _values(source)}
+    out = [v for v in _values(text) if _plain_value(v) not in values]
+    for m in _CAPS.finditer(text):
+        words = m.group(0).split()
+        opens = not text[: m.start()].rstrip(" \t\"'(*-#>").endswith(tuple("abcdefghijklmnopqrstuvwxyz0123456789,;"))
+        for i, w in enumerate(words):
+            if len(w) == 1 or re.sub(r"'s$", "", w).strip("'-").lower() in known:  # "I", an initial
+                continue
+            if i == 0 and opens and (len(words) == 1 or w in _OPENERS) and not w.endswith("'s"):
+                continue
+            out.append(m.group(0))
+            break
+    return out
 
 
 def select_dreams(
@@ -468,6 +507,14 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             _save(rf, "dreams.json", dreams)
         lap("write")
         log(f"{len(dreams)} dreams")
+        # a dream is the model's own writing: one that names a person or value its memories do not would train it in
+        made_up = [d for d in dreams if dc.grounded and d.get("invented")]
+        if made_up:
+            log(
+                f"{len(made_up)} of {len(dreams)} dreams state a name or value their memories do not hold, not used "
+                f"(e.g. {', '.join(sorted({x for d in made_up for x in d['invented']})[:3])})"
+            )
+        usable = [d for d in dreams if d not in made_up]
         by_trace = {t.id: t for t in targets}
 
         # the gate's "before": the stack as it is, measured before any training (saved for a resumed run)
@@ -484,7 +531,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         scores = _cached(rf, "scores.json")
         if scores is None:
             model.train()
-            scores = dream_scores(model, tok, sysp, targets, dreams, probes, copies_per_pass, out_of_time)
+            scores = dream_scores(model, tok, sysp, targets, usable, probes, copies_per_pass, out_of_time)
             if scores is None:
                 return stopped("selection")
             _save(rf, "scores.json", scores)
@@ -494,7 +541,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         if not kept:
             pick = random.Random(f"{night}:keep")
             for t in targets:
-                mine = [d for d in dreams if d["trace_id"] == t.id]
+                mine = [d for d in usable if d["trace_id"] == t.id]
                 kept += select_dreams(mine, scores, dc.top_k, dc.random_b, dc.max_overlap, pick)
             _save(rf, "kept.json", [d["id"] for d in kept])
         lap("select")
@@ -526,6 +573,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                 memories=len(recent_ids),
                 replay=len(replay_ids),
                 dreams=len(dreams),
+                invented=len(made_up),
                 kept=len(kept),
                 phases_s=phases,
             )
@@ -566,6 +614,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         worse = [k for k in before if before[k] is not None and after[k] < before[k]]
         metrics = {
             "dreams": len(dreams),
+            "invented": len(made_up),
             "kept": len(kept),
             "rewarded": len(good),
             "steps": step,
@@ -600,6 +649,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             memories=len(recent_ids),
             replay=len(replay_ids),
             dreams=len(dreams),
+            invented=len(made_up),
             kept=len(kept),
             rewarded=len(good),
             steps=step,
@@ -667,7 +717,8 @@ def _write_dreams(
                 ).texts
                 for j, text in zip(chunk, texts):
                     if text.strip():
-                        out.append({k: v for k, v in j.items() if k != "prompt"} | {"text": text.strip()})
+                        said = {"text": text.strip(), "invented": invented(text, j["prompt"])}
+                        out.append({k: v for k, v in j.items() if k != "prompt"} | said)
     return out
 
 

@@ -242,6 +242,9 @@ class Dream(Strict):
     )
     inner_lr: float = Field(1e-3, gt=0.0, le=1.0)
     reward_margin: float = Field(0.0, ge=0.0, description="probe NLL drop (nats/token) a dream must bring")
+    grounded: bool = Field(
+        True, description="drop a dream that states a name or value its memories do not hold before it is scored"
+    )
     replay_fraction: float = Field(0.5, ge=0.0, le=4.0, description="older memories replayed per recent one")
     train_steps: int = Field(20, ge=1, description="ReST-EM steps on rewarded dreams plus replay")
     batch_size: int = Field(4, ge=1)

@@ -21,6 +21,7 @@ from sleepctl.seed import seed
 from .conftest import cli, wait_for_lines, write_recipe
 
 DREAM = {
+    "grounded": False,  # a random tiny model's dreams are strings of unknown words: the check would drop them all
     "dreams_per_memory": 3,
     "max_new_tokens": 8,
     "top_k": 1,
@@ -198,3 +199,58 @@ def test_selection_keeps_the_best_distinct_dreams_not_near_copies():
     # too few distinct dreams: fewer kept, none repeated
     few = select_dreams(dreams[:2], scores, top_k=2, random_b=1, max_overlap=0.8, rng=random.Random(0))
     assert [d["id"] for d in few] == ["a"]
+
+
+def test_invented_names_and_values_are_found_not_sentence_openers():
+    """The dreams the 0.5B wrote on the CPU demo, against the memories they were written from."""
+    from sleepctl.dream import invented
+
+    source = (
+        "Heads up: Orla Brennick moved the Kestrel build server from Dublin to the Tallinn data centre last Tuesday. "
+        "On-call for the Halberd payments API: Tomasz Verhoeven takes weekdays, Imani Castellano weekends. "
+        "Marrow slips to March 14th; Dana Okafor signed off, the sensor vendor Quillfeather was late. Room 4, 9:30."
+    )
+    made_up = {
+        "- Odra Brennick moved the Kestrel build server from Dublin to Tallinn.": ["Odra Brennick"],
+        "Elliot Okafor signed off on the delayed Marrow deadline.": ["Elliot Okafor"],
+        "Q: Where is Marrow?\nA: At Marrow, Canada.": ["Canada"],
+        "Dear Dana Okafor, I moved the Kestrel server (T) to Riga.": ["Riga"],
+        "Q: Is Tomasz Verhoeven on call for Halberd's API? A: Kit Verhoeven is.": ["Kit Verhoeven"],
+        "The standup moved to 10:05 in room 4.": ["10:05"],
+        "Marrow is due March 14.\n\nMerryfield's on-call rotation: Tomasz Verhoeven.": ["Merryfield's"],
+    }
+    for text, names in made_up.items():
+        assert invented(text, source) == names, text
+    faithful = [
+        "Consequences: the Kestrel build server now runs in Tallinn, moved by Orla Brennick. Who is affected: builds.",
+        "Q: WHERE is the Kestrel server?\nA: Tallinn.",
+        "Is Tomasz Verhoeven on call on weekdays? Yes; Imani Castellano takes weekends.",
+        "Secondly, Marrow is due March 14, signed off by Dana Okafor, late because of Quillfeather.",
+        "Halberd's payments API has Tomasz Verhoeven on call on weekdays, at 9:30 in room 4.",
+    ]
+    for text in faithful:
+        assert invented(text, source) == [], text
+
+
+def test_dreams_that_invent_are_not_scored_kept_or_trained(home, seeded, monkeypatch):
+    """With dream.grounded (the recipes' default) a dream stating what its memories do not hold is dropped before scoring."""
+    first, recipe = seeded
+    import sleepctl.dream as d
+
+    flagged = iter([["Odra Brennick"], []] * 100)  # every other dream written invents a name
+    monkeypatch.setattr(d, "invented", lambda text, source: next(flagged))
+    scored: list[str] = []
+    score = d.dream_scores
+    monkeypatch.setattr(
+        d, "dream_scores", lambda m, t, s, tg, ds, *a: scored.extend(x["id"] for x in ds) or score(m, t, s, tg, ds, *a)
+    )
+    res = dream(str(recipe), home=home, show_progress=False, overrides={"dream.grounded": True})
+    run = Path(open_store(home).run(res.run_id).dir)
+    dreams = json.loads((run / "dreams.json").read_text())
+    made_up = {x["id"] for x in dreams if x["invented"]}
+    assert res.invented == len(made_up) == (len(dreams) + 1) // 2 and made_up  # the first, third, ...
+    assert scored and not made_up & set(scored) and not made_up & set(json.loads((run / "kept.json").read_text()))
+    assert "state a name or value their memories do not hold" in (home / "logs" / "dream.log").read_text()
+    assert json.loads((run / "summary.json").read_text())["invented"] == res.invented
+    loose = dream(str(recipe), home=home, show_progress=False, overrides={"dream.grounded": False})
+    assert loose.invented == 0 and loose.kept > 0  # the check is off: every dream may be scored and kept

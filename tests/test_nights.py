@@ -342,6 +342,7 @@ def test_dream_rehearses_the_newer_value_not_the_stale_one(home, tmp_path, tiny_
         tiny_dir,
         **NIGHTS,
         dream={
+            "grounded": False,  # a random tiny model invents every word
             "dreams_per_memory": 2,
             "kinds": ["rephrase", "qa"],
             "replay_fraction": 1.0,

@@ -147,6 +147,7 @@ def test_a_night_through_one_engine_serving_stack_and_adapter(standin_vllm, home
         vllm={"check_sequences": 2},
         training={"steps_per_generation": 2, "max_steps": 4, "checkpoint_every": 10},
         dream={
+            "grounded": False,  # a random tiny model invents every word
             "dreams_per_memory": 2,
             "max_new_tokens": 8,
             "top_k": 1,
