@@ -137,6 +137,7 @@ def one_run(args, home: Path, ov: dict, con: Console) -> dict | None:
                 "message": d.message,
                 "wall_s": dream_wall,
                 "dreams": d.dreams,
+                "invented": d.invented,
                 "kept": d.kept,
                 "rewarded": d.rewarded,
             }

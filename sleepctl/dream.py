@@ -189,41 +189,73 @@ def restatement_pair(t: Trace) -> Pair:
     )
 
 
-_CAPS = re.compile(r"[A-Z][\w'\-]*(?:[ \t]+[A-Z][\w'\-]*)*")
-_WORD = re.compile(r"\w[\w'\-]*")
+_WORD = re.compile(r"[^\W_][\w'\-]*")
 # words that open a sentence or a question in front of a name without being part of it
 _OPENERS = _STOP | {
     *"Is Are Was Were Do Does Did Can Could Will Would Should Has Have Had Who What Where Which Why How".split(),
     *"After Before Because Since Then Now Today Yesterday Tomorrow Last Next As Both Each All Every Once Dear".split(),
+    *"There Here By With Until During Per Under Over Into About Regarding Not Only Just Meanwhile Ask Tell".split(),
+    *"Contact Check Make Keep Use Send Key Summary Question Answer Q A".split(),
 }
+_ACRONYMS = {"AM", "PM", "UTC", "GMT", "ETA", "EOD", "FYI", "TBD", "ASAP", "OK"}
+_LIST_MARK = re.compile(r"^[ \t]*(?:\d+[.)]|[-*•])[ \t]+", re.M)
+_MARKUP = re.compile(r"^[ \t]*#.*$|\*\*[^*\n]{1,40}:\*\*|\*\*|__", re.M)  # headings and labels go whole
 
 
 def _plain_value(v: str) -> str:
-    return re.sub(r"(?<=\d)(?:st|nd|rd|th)$|,", "", v.lower())
+    """A value as a reader compares it: "14th" is "14", "09:30" is "9:30", "1,200" is "1200"."""
+    return re.sub(r"(?<=\d)(?:st|nd|rd|th)$|,|^0(?=\d:)", "", v.lower())
+
+
+def _known_words(source: str) -> set[str]:
+    """Every word of the source, also without an owner's 's and split at hyphens ("Dana's", "Kestrel-based")."""
+    out = set()
+    for w in _WORD.findall(source):
+        w = w.lower().strip("'-")
+        out |= {w, re.sub(r"'s$", "", w), *w.split("-")}
+    return out
 
 
 def invented(text: str, source: str) -> list[str]:
     """Names and values a dream states that the memories it was written from do not hold.
 
-    A dream is the model's own writing; at the CPU demo's size 10 of 16 carried a misspelt or made-up name
-    ("Odra Brennick" for Orla, "Kit Verhoeven" for Tomasz) and the probe-NLL reward passed some of them, so
-    ReST-EM trained the wrong name in. A capitalised word unknown to the source is a name unless it only opens a
+    A dream is the model's own writing; on the CPU demo 5 of 16 dreams of one night misspelt or made up a name
+    ("Odra Brennick" for Orla, "Kit Verhoeven" for Tomasz) and the probe-NLL reward passed two, so ReST-EM
+    trained the wrong names in. A capitalised word unknown to the source is a name unless it only opens a
     sentence ("Consequences:", "Which ...?"); one that opens a sentence in front of another capitalised word
     ("Elliot Okafor") is a name unless it is a common opener ("Is Tomasz ..."); an owner ("Merryfield's") is one.
+    A made-up single word that opens a sentence ("Odra moved ...") passes: it cannot be told from an opener.
     """
-    known = {w.lower() for w in _WORD.findall(source)}
-    values = {_plain_value(v) for v in _values(source)}
+    text = _MARKUP.sub("", _LIST_MARK.sub("", text))  # "1. Q: ...", "### Key Points", "**Next Steps:**"
+    known = _known_words(source)
+    values = {_plain_value(v) for v in _values(_LIST_MARK.sub("", source))}
     out = [v for v in _values(text) if _plain_value(v) not in values]
-    for m in _CAPS.finditer(text):
-        words = m.group(0).split()
-        opens = not text[: m.start()].rstrip(" \t\"'(*-#>").endswith(tuple("abcdefghijklmnopqrstuvwxyz0123456789,;"))
-        for i, w in enumerate(words):
-            if len(w) == 1 or re.sub(r"'s$", "", w).strip("'-").lower() in known:  # "I", an initial
+    words = list(_WORD.finditer(text))
+    i = 0
+    while i < len(words):  # runs of capitalised words, separated by spaces only: one name each
+        if not words[i].group(0)[0].isupper():
+            i += 1
+            continue
+        j = i + 1
+        while (
+            j < len(words)
+            and words[j].group(0)[0].isupper()
+            and not text[words[j - 1].end() : words[j].start()].strip(" \t")
+        ):
+            j += 1
+        run = [w.group(0) for w in words[i:j]]
+        before = text[: words[i].start()].rstrip(" \t\"'(*-#>")
+        opens = not before or not (before[-1].isalnum() or before[-1] in ",;")
+        for k, w in enumerate(run):
+            bare = re.sub(r"'s$", "", w).strip("'-")
+            if len(w) == 1 or w in _ACRONYMS or bare.lower() in known:  # "I", an initial, "9:30 AM"
                 continue
-            if i == 0 and opens and (len(words) == 1 or w in _OPENERS) and not w.endswith("'s"):
+            if k == 0 and opens and (bare in _OPENERS or (len(run) == 1 and not w.endswith("'s"))):
                 continue
-            out.append(m.group(0))
+            lead = opens and re.sub(r"'s$", "", run[0]) in _OPENERS  # "There's", "Is": not part of the name
+            out.append(" ".join(run[1:] if lead else run))
             break
+        i = j
     return out
 
 
@@ -568,7 +600,12 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             st.update_run(rf.run.id, "done", {"rewarded": 0})
             return DreamResult(
                 status="done",
-                message="no dream improved recall; the current adapter is unchanged",
+                message=(
+                    "no dream improved recall; the current adapter is unchanged"
+                    if usable
+                    else f"every dream ({len(dreams)}) stated a name or value its memories do not hold; "
+                    "the current adapter is unchanged"
+                ),
                 run_id=rf.run.id,
                 memories=len(recent_ids),
                 replay=len(replay_ids),

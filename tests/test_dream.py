@@ -215,6 +215,8 @@ def test_invented_names_and_values_are_found_not_sentence_openers():
         "Elliot Okafor signed off on the delayed Marrow deadline.": ["Elliot Okafor"],
         "Q: Where is Marrow?\nA: At Marrow, Canada.": ["Canada"],
         "Dear Dana Okafor, I moved the Kestrel server (T) to Riga.": ["Riga"],
+        "Łukasz Brennick moved the Kestrel build server.": ["Łukasz Brennick"],
+        "There's Merryfield's sign-off for Marrow.": ["Merryfield's"],
         "Q: Is Tomasz Verhoeven on call for Halberd's API? A: Kit Verhoeven is.": ["Kit Verhoeven"],
         "The standup moved to 10:05 in room 4.": ["10:05"],
         "Marrow is due March 14.\n\nMerryfield's on-call rotation: Tomasz Verhoeven.": ["Merryfield's"],
@@ -227,6 +229,9 @@ def test_invented_names_and_values_are_found_not_sentence_openers():
         "Is Tomasz Verhoeven on call on weekdays? Yes; Imani Castellano takes weekends.",
         "Secondly, Marrow is due March 14, signed off by Dana Okafor, late because of Quillfeather.",
         "Halberd's payments API has Tomasz Verhoeven on call on weekdays, at 9:30 in room 4.",
+        "1. Q: Who moved the Kestrel server?\n2. Q: Where to?\n3. Q: When? A: last Tuesday, at 09:30 AM.",
+        "That's Dana's sign-off; it's Marrow's slip. Let's ask Tomasz. By March 14 Marrow ships.",
+        "### Key Points\n**Next Steps:** Dana Okafor signs off. With Tomasz Verhoeven on call, Orla moved Kestrel.",
     ]
     for text in faithful:
         assert invented(text, source) == [], text
@@ -252,5 +257,8 @@ def test_dreams_that_invent_are_not_scored_kept_or_trained(home, seeded, monkeyp
     assert scored and not made_up & set(scored) and not made_up & set(json.loads((run / "kept.json").read_text()))
     assert "state a name or value their memories do not hold" in (home / "logs" / "dream.log").read_text()
     assert json.loads((run / "summary.json").read_text())["invented"] == res.invented
+    scored.clear()
     loose = dream(str(recipe), home=home, show_progress=False, overrides={"dream.grounded": False})
-    assert loose.invented == 0 and loose.kept > 0  # the check is off: every dream may be scored and kept
+    run = Path(open_store(home).run(loose.run_id).dir)
+    flagged = {x["id"] for x in json.loads((run / "dreams.json").read_text()) if x["invented"]}
+    assert loose.invented == 0 and flagged and flagged <= set(scored)  # the check is off: flagged dreams are scored
