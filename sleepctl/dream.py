@@ -207,12 +207,17 @@ def _plain_value(v: str) -> str:
     return re.sub(r"(?<=\d)(?:st|nd|rd|th)$|,|^0(?=\d:)", "", v.lower())
 
 
+def _bare(w: str) -> str:
+    """A word without an owner's 's or edge quotes and hyphens: "Dana's" is "Dana"."""
+    return re.sub(r"'s$", "", w).strip("'-")
+
+
 def _known_words(source: str) -> set[str]:
     """Every word of the source, also without an owner's 's and split at hyphens ("Dana's", "Kestrel-based")."""
     out = set()
     for w in _WORD.findall(source):
         w = w.lower().strip("'-")
-        out |= {w, re.sub(r"'s$", "", w), *w.split("-")}
+        out |= {w, _bare(w), *w.split("-")}
     return out
 
 
@@ -247,12 +252,12 @@ def invented(text: str, source: str) -> list[str]:
         before = text[: words[i].start()].rstrip(" \t\"'(*-#>")
         opens = not before or not (before[-1].isalnum() or before[-1] in ",;")
         for k, w in enumerate(run):
-            bare = re.sub(r"'s$", "", w).strip("'-")
+            bare = _bare(w)
             if len(w) == 1 or w in _ACRONYMS or bare.lower() in known:  # "I", an initial, "9:30 AM"
                 continue
             if k == 0 and opens and (bare in _OPENERS or (len(run) == 1 and not w.endswith("'s"))):
                 continue
-            lead = opens and re.sub(r"'s$", "", run[0]) in _OPENERS  # "There's", "Is": not part of the name
+            lead = opens and _bare(run[0]) in _OPENERS  # "There's", "Is": not part of the name
             out.append(" ".join(run[1:] if lead else run))
             break
         i = j
@@ -541,12 +546,12 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         log(f"{len(dreams)} dreams")
         # a dream is the model's own writing: one that names a person or value its memories do not would train it in
         made_up = [d for d in dreams if dc.grounded and d.get("invented")]
+        usable = [d for d in dreams if not (dc.grounded and d.get("invented"))]
         if made_up:
             log(
                 f"{len(made_up)} of {len(dreams)} dreams state a name or value their memories do not hold, not used "
                 f"(e.g. {', '.join(sorted({x for d in made_up for x in d['invented']})[:3])})"
             )
-        usable = [d for d in dreams if d not in made_up]
         by_trace = {t.id: t for t in targets}
 
         # the gate's "before": the stack as it is, measured before any training (saved for a resumed run)
