@@ -16,6 +16,7 @@ import gc
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from .recipe import VLLM
 
 # ranks vLLM's LoRA kernels are built for; an adapter is served in the smallest slot that holds it
 LORA_SLOTS = (8, 16, 32, 64, 128, 256, 320, 512)
+START_ATTEMPTS, START_RETRY_S = 2, 10.0  # a vLLM start that fails is tried once more, this many seconds later
 
 
 def unavailable_reason() -> str | None:
@@ -132,18 +134,27 @@ class VLLMEngine:
         self._next_id = 1
         self.asleep = False
         self.timings: dict[str, float] = {"sleep_s": 0.0, "wake_s": 0.0, "sync_s": 0.0, "syncs": 0}
-        # blocks the trainer's caching allocator holds but no longer uses look taken to vLLM's memory check
-        gc.collect()
-        torch.cuda.empty_cache()
         t0 = time.time()
-        try:
-            with engine_env():  # under torchrun: this rank's GPU, not every rank's first one
-                self.llm = LLM(model=str(model_dir), **engine_kwargs(cfg, lora_rank, seed))
-        except Exception as e:  # noqa: BLE001 - vLLM fails in many ways; one message names the model
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            raise ModelError(
-                f"vLLM could not start on {model_dir}: {e}", hint="use the Hugging Face engine: --set engine=hf"
-            ) from e
+        for attempt in range(START_ATTEMPTS):
+            # blocks the trainer's caching allocator holds but no longer uses look taken to vLLM's memory check
+            gc.collect()
+            torch.cuda.empty_cache()
+            try:
+                with engine_env():  # under torchrun: this rank's GPU, not every rank's first one
+                    self.llm = LLM(model=str(model_dir), **engine_kwargs(cfg, lora_rank, seed))
+                break
+            except Exception as e:  # noqa: BLE001 - vLLM fails in many ways; one message names the model
+                if attempt + 1 < START_ATTEMPTS:
+                    # vLLM's memory profile fails when another process on the GPU frees memory meanwhile
+                    # (a second job's engine closing); the same start a few seconds later succeeds
+                    print(f"vLLM did not start ({str(e)[:120]}); trying once more", file=sys.stderr)
+                    time.sleep(START_RETRY_S)
+                    continue
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                raise ModelError(
+                    f"vLLM could not start on {model_dir} ({START_ATTEMPTS} tries): {e}",
+                    hint="use the Hugging Face engine: --set engine=hf",
+                ) from e
         self.start_s = time.time() - t0
 
     # --- weights -------------------------------------------------------------------------------------

@@ -244,3 +244,33 @@ def test_under_torchrun_a_rank_starts_its_student_engine_on_its_own_gpu_and_no_t
     t_eng, s_eng2 = engines_for(cfg, None, model, tok, model, tok, 8, teacher=True)
     assert t_eng is not None and s_eng2 is s_eng  # the process's student engine, and now a teacher's
     assert seen[1]["CUDA_VISIBLE_DEVICES"] == "0" and seen[1]["RANK"] is None
+
+
+def test_a_vllm_start_that_fails_is_tried_once_more_and_then_named(standin_vllm, tmp_path, tiny_dir, monkeypatch):
+    """Another process freeing GPU memory during vLLM's memory profile fails a start that succeeds seconds
+    later: one more try. A start that fails twice is a ModelError naming the model, its sync folder removed."""
+    import sleepctl.vllm_engine as ve
+    from sleepctl.errors import ModelError
+    from sleepctl.models import load_model
+    from sleepctl.recipe import VLLM
+
+    monkeypatch.setattr(ve, "START_RETRY_S", 0.0)
+    _, tok = load_model(str(tiny_dir), "cpu", "float32")
+    fails = {"left": 1}
+
+    class Flaky(standin_vllm):
+        def __init__(self, model: str, **kw):
+            if fails["left"] > 0:
+                fails["left"] -= 1
+                raise RuntimeError("Error in memory profiling: free memory changed")
+            super().__init__(model, **kw)
+
+    monkeypatch.setattr(sys.modules["vllm"], "LLM", Flaky)
+    eng = ve.VLLMEngine(tiny_dir, tok, VLLM(), lora_rank=8, workdir=tmp_path / "w1")
+    assert fails["left"] == 0 and isinstance(eng.llm, Flaky)
+
+    fails["left"] = 2
+    with pytest.raises(ModelError, match=r"vLLM could not start on .*\(2 tries\).*memory profiling"):
+        ve.VLLMEngine(tiny_dir, tok, VLLM(), lora_rank=8, workdir=tmp_path / "w2")
+    assert fails["left"] == 0
+    assert list((tmp_path / "w2").iterdir()) == []  # the failed engine's sync folder is gone
