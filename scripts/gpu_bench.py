@@ -610,7 +610,7 @@ def night_memories(n: int) -> list[dict]:
     return recs[:n]
 
 
-def full_night(n: int, work: Path, overrides: dict) -> dict:
+def full_night(n: int, work: Path, overrides: dict, teacher: str = "small") -> dict:
     """A night with the real pair: seed + dream (whose gate evaluates) of N memories, engine starts included;
     then an eval for recall on examples/ probes (not counted in the night)."""
     from sleepctl import record
@@ -627,7 +627,7 @@ def full_night(n: int, work: Path, overrides: dict) -> dict:
     ov = {"engine": "vllm", **overrides}
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    s = seed("qwen-small-large", home=home, teacher="small", student="large", overrides=ov, keep_engines=True)
+    s = seed("qwen-small-large", home=home, teacher=teacher, student="large", overrides=ov, keep_engines=True)
     t_seed = time.time() - t0
     d = dream("qwen-small-large", home=home, overrides=ov, consolidate=False, keep_engines=True)
     wall = time.time() - t0
@@ -653,6 +653,7 @@ def full_night(n: int, work: Path, overrides: dict) -> dict:
 
     return {
         "memories": n,
+        "teacher": teacher,
         "overrides": ov,
         "night_wall_s": wall,
         "seed_s": t_seed,
@@ -664,6 +665,7 @@ def full_night(n: int, work: Path, overrides: dict) -> dict:
             "dreams": d.dreams,
             "kept": d.kept,
             "rewarded": d.rewarded,
+            "invented": d.invented,
             "phases_s": d.phases_s,
         },
         "in_seed_rollout_tokens_per_s": sum(t for t, _ in ro) / max(1e-9, sum(x for _, x in ro)),
@@ -711,6 +713,7 @@ def main() -> None:
     ap.add_argument("--seed-set", action="append", default=[], help="recipe override for the full seed (k=v)")
     ap.add_argument("--seed-timeout", type=float, default=3600, help="seconds a full seed may run before it is stopped")
     ap.add_argument("--night-memories", type=int, default=100)
+    ap.add_argument("--night-teacher", default="small", help="teacher of the real night: small, or self (the student)")
     ap.add_argument("--night-set", action="append", default=[], help="recipe override for the real night (k=v)")
     args = ap.parse_args()
 
@@ -878,7 +881,7 @@ def main() -> None:
             say(f"full seed, engine {e}, {g} GPU(s): {one['wall_s']:.0f} s, loop {one['training_loop_s']:.0f} s")
     if "night" in parts:
         say(f"a full night of the real pair on {args.night_memories} memories…")
-        res["full_night"] = full_night(args.night_memories, work, parse_overrides(args.night_set))
+        res["full_night"] = full_night(args.night_memories, work, parse_overrides(args.night_set), args.night_teacher)
         say(f"full night: {res['full_night']['night_wall_s']:.0f} s")
     res["bench_wall_s"] = time.time() - t_all
 
