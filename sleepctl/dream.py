@@ -40,16 +40,17 @@ from rich.console import Console
 from . import distributed
 from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
 from .anchor import AnchorText
-from .data import _values, context, later, link
+from .data import context, later, link
 from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer, job_recipe
+from .grounding import invented
 from .home import Home, open_home, sleep_lock, write_atomic
 from .loop import train
 from .lora_copies import LoraCopies
 from .models import load_model, resolve
 from .objectives import Pair, SFTObjective, group_nll
-from .prompts import _STOP, entities, render, restatement
+from .prompts import entities, render, restatement
 from .recipe import Dream as DreamConfig
 from .recipe import Lora, Recipe
 from .records import Adapter, Probe, Trace
@@ -187,81 +188,6 @@ def restatement_pair(t: Trace) -> Pair:
     return Pair(
         prompt=f"What do you remember about {names[0]}?" if names else "What do you remember?", answer=restatement(t)
     )
-
-
-_WORD = re.compile(r"[^\W_][\w'\-]*")
-# words that open a sentence or a question in front of a name without being part of it
-_OPENERS = _STOP | {
-    *"Is Are Was Were Do Does Did Can Could Will Would Should Has Have Had Who What Where Which Why How".split(),
-    *"After Before Because Since Then Now Today Yesterday Tomorrow Last Next As Both Each All Every Once Dear".split(),
-    *"There Here By With Until During Per Under Over Into About Regarding Not Only Just Meanwhile Ask Tell".split(),
-    *"Contact Check Make Keep Use Send Key Summary Question Answer Q A".split(),
-}
-_ACRONYMS = {"AM", "PM", "UTC", "GMT", "ETA", "EOD", "FYI", "TBD", "ASAP", "OK"}
-_LIST_MARK = re.compile(r"^[ \t]*(?:\d+[.)]|[-*•])[ \t]+", re.M)
-_MARKUP = re.compile(r"^[ \t]*#.*$|\*\*[^*\n]{1,40}:\*\*|\*\*|__", re.M)  # headings and labels go whole
-
-
-def _plain_value(v: str) -> str:
-    """A value as a reader compares it: "14th" is "14", "09:30" is "9:30", "1,200" is "1200"."""
-    return re.sub(r"(?<=\d)(?:st|nd|rd|th)$|,|^0(?=\d:)", "", v.lower())
-
-
-def _bare(w: str) -> str:
-    """A word without an owner's 's or edge quotes and hyphens: "Dana's" is "Dana"."""
-    return re.sub(r"'s$", "", w).strip("'-")
-
-
-def _known_words(source: str) -> set[str]:
-    """Every word of the source, also without an owner's 's and split at hyphens ("Dana's", "Kestrel-based")."""
-    out = set()
-    for w in _WORD.findall(source):
-        w = w.lower().strip("'-")
-        out |= {w, _bare(w), *w.split("-")}
-    return out
-
-
-def invented(text: str, source: str) -> list[str]:
-    """Names and values a dream states that the memories it was written from do not hold.
-
-    A dream is the model's own writing; on the CPU demo 5 of 16 dreams of one night misspelt or made up a name
-    ("Odra Brennick" for Orla, "Kit Verhoeven" for Tomasz) and the probe-NLL reward passed two, so ReST-EM
-    trained the wrong names in. A capitalised word unknown to the source is a name unless it only opens a
-    sentence ("Consequences:", "Which ...?"); one that opens a sentence in front of another capitalised word
-    ("Elliot Okafor") is a name unless it is a common opener ("Is Tomasz ..."); an owner ("Merryfield's") is one.
-    A made-up single word that opens a sentence ("Odra moved ...") passes: it cannot be told from an opener.
-    """
-    text = _MARKUP.sub("", _LIST_MARK.sub("", text))  # "1. Q: ...", "### Key Points", "**Next Steps:**"
-    known = _known_words(source)
-    values = {_plain_value(v) for v in _values(_LIST_MARK.sub("", source))}
-    out = [v for v in _values(text) if _plain_value(v) not in values]
-    words = list(_WORD.finditer(text))
-    i = 0
-    while i < len(words):  # runs of capitalised words, separated by spaces only: one name each
-        if not words[i].group(0)[0].isupper():
-            i += 1
-            continue
-        j = i + 1
-        while (
-            j < len(words)
-            and words[j].group(0)[0].isupper()
-            and not text[words[j - 1].end() : words[j].start()].strip(" \t")
-        ):
-            j += 1
-        run = [w.group(0) for w in words[i:j]]
-        before = text[: words[i].start()].rstrip(" \t\"'(*-#>")
-        opens = not before or not (before[-1].isalnum() or before[-1] in ",;")
-        for k, w in enumerate(run):
-            bare = _bare(w)
-            if len(w) == 1 or w in _ACRONYMS or bare.lower() in known:  # "I", an initial, "9:30 AM"
-                continue
-            if k == 0 and opens and (bare in _OPENERS or (len(run) == 1 and not w.endswith("'s"))):
-                continue
-            lead = opens and _bare(run[0]) in _OPENERS  # "There's", "Is": not part of the name
-            out.append(" ".join(run[1:] if lead else run))
-            break
-        i = j
-    return out
 
 
 def select_dreams(

@@ -79,7 +79,9 @@ class Data(Strict):
     heldout_fraction: float = Field(0.5, ge=0.0, le=1.0)
     teacher_samples: int = Field(2, ge=1, le=16, description="teacher answers cached per prompt")
     grounded_only: bool = Field(
-        True, description="drop teacher answers whose content words are mostly not in the memory"
+        True,
+        description="drop teacher answers whose content words are mostly not in the memory, or that state a name "
+        "or value the memory does not hold",
     )
     transcript_copies: Literal["reply", "keep"] = Field(
         "reply",

@@ -203,7 +203,7 @@ def test_selection_keeps_the_best_distinct_dreams_not_near_copies():
 
 def test_invented_names_and_values_are_found_not_sentence_openers():
     """The dreams the 0.5B wrote on the CPU demo, against the memories they were written from."""
-    from sleepctl.dream import invented
+    from sleepctl.grounding import invented
 
     source = (
         "Heads up: Orla Brennick moved the Kestrel build server from Dublin to the Tallinn data centre last Tuesday. "

@@ -1,0 +1,112 @@
+"""What a generated text may state: the names and values of the text it was written from.
+
+A teacher answer or a dream that states a name or a value its memory does not hold is the model inventing it
+("The Beryl Falls hackathon was held in 2019", "Odra Brennick" for Orla); trained in, it is a false memory.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .prompts import _STOP
+
+# a value: a time, an ordinal, a code like G-41, or a number (with the word after it: its unit, as in "per")
+_VALUE = re.compile(r"(?<![\w:.\-])(\d{1,2}:\d{2}|\d+(?:st|nd|rd|th)\b|[A-Z]+-\d+|\d[\d,.]*\d|\d)(?:\s+([a-z]+))?")
+_NOT_UNITS = {"a", "an", "and", "at", "by", "for", "from", "in", "is", "of", "on", "or", "the", "to", "was", "with"}
+
+
+def _form(value: str, after: str | None) -> str:
+    """What slot a value fills, by its form: any time is a time, any ordinal a day; a number keeps its length
+    and unit, a code its letters and length (so "9:30" and "10:05" are alike, "340 per" and "520 per" too)."""
+    if re.fullmatch(r"\d{1,2}:\d{2}", value):
+        return "time"
+    if re.fullmatch(r"\d+(?:st|nd|rd|th)", value):
+        return "ordinal"
+    shape = re.sub(r"[A-Z]", "A", re.sub(r"\d", "9", value))
+    if value[0].isdigit() and after and after not in _NOT_UNITS:
+        shape += f" {after}"
+    return shape
+
+
+def values(text: str) -> dict[str, set[str]]:
+    """Each value of the text (a time, an ordinal, a code, a number) with the forms of slot it fills."""
+    out: dict[str, set[str]] = {}
+    for m in _VALUE.finditer(text):
+        out.setdefault(m.group(1), set()).add(_form(m.group(1), m.group(2)))
+    return out
+
+
+_WORD = re.compile(r"[^\W_][\w'\-]*")
+# words that open a sentence or a question in front of a name without being part of it
+_OPENERS = _STOP | {
+    *"Is Are Was Were Do Does Did Can Could Will Would Should Has Have Had Who What Where Which Why How".split(),
+    *"After Before Because Since Then Now Today Yesterday Tomorrow Last Next As Both Each All Every Once Dear".split(),
+    *"There Here By With Until During Per Under Over Into About Regarding Not Only Just Meanwhile Ask Tell".split(),
+    *"Contact Check Make Keep Use Send Key Summary Question Answer Q A".split(),
+}
+_ACRONYMS = {"AM", "PM", "UTC", "GMT", "ETA", "EOD", "FYI", "TBD", "ASAP", "OK"}
+_LIST_MARK = re.compile(r"^[ \t]*(?:\d+[.)]|[-*•])[ \t]+", re.M)
+_MARKUP = re.compile(r"^[ \t]*#.*$|\*\*[^*\n]{1,40}:\*\*|\*\*|__", re.M)  # headings and labels go whole
+
+
+def _plain_value(v: str) -> str:
+    """A value as a reader compares it: "14th" is "14", "09:30" is "9:30", "1,200" is "1200"."""
+    return re.sub(r"(?<=\d)(?:st|nd|rd|th)$|,|^0(?=\d:)", "", v.lower())
+
+
+def _bare(w: str) -> str:
+    """A word without an owner's 's or edge quotes and hyphens: "Dana's" is "Dana"."""
+    return re.sub(r"'s$", "", w).strip("'-")
+
+
+def _known_words(source: str) -> set[str]:
+    """Every word of the source, also without an owner's 's and split at hyphens ("Dana's", "Kestrel-based")."""
+    out = set()
+    for w in _WORD.findall(source):
+        w = w.lower().strip("'-")
+        out |= {w, _bare(w), *w.split("-")}
+    return out
+
+
+def invented(text: str, source: str) -> list[str]:
+    """Names and values a dream states that the memories it was written from do not hold.
+
+    A dream is the model's own writing; on the CPU demo 5 of 16 dreams of one night misspelt or made up a name
+    ("Odra Brennick" for Orla, "Kit Verhoeven" for Tomasz) and the probe-NLL reward passed two, so ReST-EM
+    trained the wrong names in. A capitalised word unknown to the source is a name unless it only opens a
+    sentence ("Consequences:", "Which ...?"); one that opens a sentence in front of another capitalised word
+    ("Elliot Okafor") is a name unless it is a common opener ("Is Tomasz ..."); an owner ("Merryfield's") is one.
+    A made-up single word that opens a sentence ("Odra moved ...") passes: it cannot be told from an opener.
+    """
+    text = _MARKUP.sub("", _LIST_MARK.sub("", text))  # "1. Q: ...", "### Key Points", "**Next Steps:**"
+    known = _known_words(source)
+    held = {_plain_value(v) for v in values(_LIST_MARK.sub("", source))}
+    out = [v for v in values(text) if _plain_value(v) not in held]
+    words = list(_WORD.finditer(text))
+    i = 0
+    while i < len(words):  # runs of capitalised words, separated by spaces only: one name each
+        if not words[i].group(0)[0].isupper():
+            i += 1
+            continue
+        j = i + 1
+        while (
+            j < len(words)
+            and words[j].group(0)[0].isupper()
+            and not text[words[j - 1].end() : words[j].start()].strip(" \t")
+        ):
+            j += 1
+        run = [w.group(0) for w in words[i:j]]
+        before = text[: words[i].start()].rstrip(" \t\"'(*-#>")
+        opens = not before or not (before[-1].isalnum() or before[-1] in ",;")
+        for k, w in enumerate(run):
+            bare = _bare(w)
+            low = bare.lower()
+            if len(w) == 1 or w in _ACRONYMS or {low, low.removesuffix("s"), low + "s"} & known:  # "I", "9:30 AM"
+                continue  # an initial, an acronym, or a known word, also in its plural or singular ("Saturdays")
+            if k == 0 and opens and (bare in _OPENERS or (len(run) == 1 and not w.endswith("'s"))):
+                continue
+            lead = opens and _bare(run[0]) in _OPENERS  # "There's", "Is": not part of the name
+            out.append(" ".join(run[1:] if lead else run))
+            break
+        i = j
+    return out
