@@ -610,7 +610,7 @@ def night_memories(n: int) -> list[dict]:
     return recs[:n]
 
 
-def full_night(n: int, work: Path, overrides: dict, teacher: str = "small") -> dict:
+def full_night(n: int, work: Path, overrides: dict, teacher: str | None = None) -> dict:
     """A night with the real pair: seed + dream (whose gate evaluates) of N memories, engine starts included;
     then an eval for recall on examples/ probes (not counted in the night)."""
     from sleepctl import record
@@ -653,7 +653,7 @@ def full_night(n: int, work: Path, overrides: dict, teacher: str = "small") -> d
 
     return {
         "memories": n,
-        "teacher": teacher,
+        "teacher": teacher or "the recipe's",
         "overrides": ov,
         "night_wall_s": wall,
         "seed_s": t_seed,
@@ -713,7 +713,7 @@ def main() -> None:
     ap.add_argument("--seed-set", action="append", default=[], help="recipe override for the full seed (k=v)")
     ap.add_argument("--seed-timeout", type=float, default=3600, help="seconds a full seed may run before it is stopped")
     ap.add_argument("--night-memories", type=int, default=100)
-    ap.add_argument("--night-teacher", default="small", help="teacher of the real night: small, or self (the student)")
+    ap.add_argument("--night-teacher", help="teacher of the real night: small or self (default: the recipe's, self)")
     ap.add_argument("--night-set", action="append", default=[], help="recipe override for the real night (k=v)")
     args = ap.parse_args()
 
