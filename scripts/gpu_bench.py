@@ -613,6 +613,8 @@ def night_memories(n: int) -> list[dict]:
 def full_night(n: int, work: Path, overrides: dict, teacher: str | None = None) -> dict:
     """A night with the real pair: seed + dream (whose gate evaluates) of N memories, engine starts included;
     then an eval for recall on examples/ probes (not counted in the night)."""
+    import yaml
+
     from sleepctl import record
     from sleepctl.dream import dream
     from sleepctl.engines import release_engines
@@ -653,7 +655,7 @@ def full_night(n: int, work: Path, overrides: dict, teacher: str | None = None) 
 
     return {
         "memories": n,
-        "teacher": teacher or "the recipe's",
+        "teacher": yaml.safe_load((Path(s.run_dir) / "recipe.yaml").read_text())["teacher"],  # as the run resolved it
         "overrides": ov,
         "night_wall_s": wall,
         "seed_s": t_seed,

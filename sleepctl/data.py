@@ -77,6 +77,11 @@ def context(t: Trace, related: dict[str, list[Trace]]) -> list[Memory]:
     return [(recorded(x), x.text) for x in group] if len(group) > 1 else [t.text]
 
 
+def seen_text(t: Trace, related: dict[str, list[Trace]]) -> str:
+    """What the teacher answered from, as one text: `context` with its dates (an answer may cite them)."""
+    return "\n".join(m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in context(t, related))
+
+
 def is_restatement(e: Example, t: Trace) -> bool:
     return e.samples == [restatement(t)]
 
@@ -162,7 +167,8 @@ def build_data(
         for p in restatement_prompts(t.text, d.restatements)
         if p not in user_heldout
     ]
-    examples += holding_target(grounded_examples(recipe, prompts, answers), answer_of)
+    sources = {t.id: seen_text(t, related) for t in traces}
+    examples += holding_target(grounded_examples(recipe, prompts, answers, sources), answer_of)
     if d.transcript_copies == "reply":
         # a user turn every answer to which replayed the chat (or invented): what the chat itself answered it
         have = {(e.trace_id, e.prompt) for e in examples}
@@ -304,8 +310,8 @@ def grounded_examples(
     for i, (t, p) in enumerate(prompts):
         # An answer that is not grounded in what the teacher saw is the teacher inventing: never teach it. Nor one
         # that states a name or value the memory lacks: mostly the memory's words with a made-up year, place or
-        # company ("The Beryl Falls hackathon was held in 2019"; 3-6% of a self teacher's answers on examples/,
-        # 8-13% of the 0.5B's), or "According to memory 2", which a closed-book student has no memory 2 for.
+        # company ("The Beryl Falls hackathon was held in 2019"; 3-6% of the 1.5B self teacher's answers on an H200,
+        # 8-11% of the 0.5B's), or "According to memory 2", which a closed-book student has no memory 2 for.
         source = (seen or {}).get(t.id, t.text)
         samples = list(
             dict.fromkeys(
@@ -359,7 +365,7 @@ def refresh(
     answers = teacher_answers(recipe, t_engine, t_tok, asks, seed + 7)
     # grounded in everything the teacher saw: judged against the old memory alone, an answer that gives the
     # newer value looked invented and was dropped (3 of 8 such answers of the 0.5B teacher), a stale one never
-    seen = {t.id: "\n".join(x.text for x in [t, *related.get(t.id, [])]) for t in olds}
+    seen = {t.id: seen_text(t, related) for t in olds}
     out: dict[tuple[str, str], Example] = {}
     for e in grounded_examples(recipe, prompts, answers, seen):
         kept = [a for a in e.samples if not mentions(a, gone[e.trace_id])]  # the teacher repeated a replaced value

@@ -432,6 +432,8 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
     def out_of_time() -> bool:
         return time.time() > deadline
 
+    made_up: list[dict[str, Any]] = []  # dreams dropped as made up, once written: a stopped run reports them too
+
     def stopped(phase: str) -> DreamResult:
         st.update_run(rf.run.id, "interrupted", {"stopped_in": phase})
         log(f"time budget reached during {phase}; the current adapter is unchanged; the next run resumes here")
@@ -443,6 +445,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             replay=len(replay_ids),
             message=f"stopped by --max-minutes during {phase}; run again to continue",
             phases_s=phases,
+            invented=len(made_up),
         )
 
     with run_status(st, rf):

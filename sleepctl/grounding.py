@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from text_to_num import alpha2digit
+
 from .prompts import _STOP
 
 # a value: a time, an ordinal, a code like G-41, or a number (with the word after it: its unit, as in "per")
@@ -43,15 +45,43 @@ _OPENERS = _STOP | {
     *"After Before Because Since Then Now Today Yesterday Tomorrow Last Next As Both Each All Every Once Dear".split(),
     *"There Here By With Until During Per Under Over Into About Regarding Not Only Just Meanwhile Ask Tell".split(),
     *"Contact Check Make Keep Use Send Key Summary Question Answer Q A".split(),
+    *"Your His Her Their Its My Our Currently Call Email Ping Message Remind Note Noted Got Yes No".split(),
 }
 _ACRONYMS = {"AM", "PM", "UTC", "GMT", "ETA", "EOD", "FYI", "TBD", "ASAP", "OK"}
+# not names: "I" forms anywhere in a sentence, and the calendar a date is rewritten in ("2026-03-14" as "March 14");
+# an invented date still shows in its numbers
+_NOT_NAMES = (
+    _ACRONYMS
+    | {"I'm", "I'd", "I'll", "I've"}
+    | {
+        *"January February March April May June July August September October November December".split(),
+        *"Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split(),
+    }
+)
 _LIST_MARK = re.compile(r"^[ \t]*(?:\d+[.)]|[-*•])[ \t]+", re.M)
 _MARKUP = re.compile(r"^[ \t]*#.*$|\*\*[^*\n]{1,40}:\*\*|\*\*|__", re.M)  # headings and labels go whole
 
 
 def _plain_value(v: str) -> str:
-    """A value as a reader compares it: "14th" is "14", "09:30" is "9:30", "1,200" is "1200"."""
-    return re.sub(r"(?<=\d)(?:st|nd|rd|th)$|,|^0(?=\d:)", "", v.lower())
+    """A value as a reader compares it: "14th" is "14", "09:30" is "9:30", "1,200" is "1200", "03" is "3"."""
+    return re.sub(r"(?<=\d)(?:st|nd|rd|th)$|,|^0+(?=\d)", "", v.lower())
+
+
+_ANY_NUMBER = re.compile(r"\d[\d,.:]*\d|\d")
+
+
+def _held_values(source: str) -> set[str]:
+    """Every value the source holds, as a reader would also write it: numbers inside codes and dates ("v4.18.0",
+    "2026-03-14"), number words ("three" is 3), and a time in both clocks ("14:30" is also 2:30, "9:00" is 9)."""
+    source = _LIST_MARK.sub("", source)
+    held = {_plain_value(v) for text in (source, alpha2digit(source, "en")) for v in _ANY_NUMBER.findall(text)}
+    for v in list(held):
+        if m := re.fullmatch(r"(\d{1,2}):(\d{2})", v):
+            h = int(m.group(1))
+            held |= {f"{(h - 1) % 12 + 1}:{m.group(2)}", f"{h % 12 + 12}:{m.group(2)}"}
+            if m.group(2) == "00":
+                held |= {str(h), str((h - 1) % 12 + 1)}
+    return held
 
 
 def _bare(w: str) -> str:
@@ -80,7 +110,7 @@ def invented(text: str, source: str) -> list[str]:
     """
     text = _MARKUP.sub("", _LIST_MARK.sub("", text))  # "1. Q: ...", "### Key Points", "**Next Steps:**"
     known = _known_words(source)
-    held = {_plain_value(v) for v in values(_LIST_MARK.sub("", source))}
+    held = _held_values(source)
     out = [v for v in values(text) if _plain_value(v) not in held]
     words = list(_WORD.finditer(text))
     i = 0
@@ -101,8 +131,10 @@ def invented(text: str, source: str) -> list[str]:
         for k, w in enumerate(run):
             bare = _bare(w)
             low = bare.lower()
-            if len(w) == 1 or w in _ACRONYMS or {low, low.removesuffix("s"), low + "s"} & known:  # "I", "9:30 AM"
+            if len(w) == 1 or bare.removesuffix("s") in _NOT_NAMES or {low, low.removesuffix("s"), low + "s"} & known:
                 continue  # an initial, an acronym, or a known word, also in its plural or singular ("Saturdays")
+            if "-" in w and all(p.lower() in known for p in w.split("-") if p[:1].isupper()):  # "Tallinn-based"
+                continue
             if k == 0 and opens and (bare in _OPENERS or (len(run) == 1 and not w.endswith("'s"))):
                 continue
             lead = opens and _bare(run[0]) in _OPENERS  # "There's", "Is": not part of the name

@@ -262,3 +262,10 @@ def test_dreams_that_invent_are_not_scored_kept_or_trained(home, seeded, monkeyp
     run = Path(open_store(home).run(loose.run_id).dir)
     flagged = {x["id"] for x in json.loads((run / "dreams.json").read_text()) if x["invented"]}
     assert loose.invented == 0 and flagged and flagged <= set(scored)  # the check is off: flagged dreams are scored
+
+    # a run the time budget stops after its dreams are written still says how many it dropped
+    again = iter([["Odra Brennick"], []] * 100)
+    monkeypatch.setattr(d, "invented", lambda text, source: next(again))
+    monkeypatch.setattr(d, "dream_scores", lambda *a: None)  # out of time while selecting
+    cut = dream(str(recipe), home=home, show_progress=False, overrides={"dream.grounded": True})
+    assert cut.status == "stopped" and cut.invented > 0

@@ -68,3 +68,73 @@ def test_a_known_name_in_its_plural_or_singular_is_no_invention():
     assert invented("No deploys on a Friday after 4 pm.", "No production deploys after 4 pm on Fridays.") == []
     made_up = invented("Ilse starts lessons with Edmund Pemberton.", "Ilse has lessons on Saturday mornings.")
     assert made_up == ["Edmund Pemberton"]
+
+
+def test_the_reviewers_rewritings_of_a_memorys_names_and_values_are_not_inventions():
+    """How a faithful answer restates a memory: none of these is a made-up name or value."""
+    from sleepctl.grounding import invented
+
+    faithful = [
+        ("Your Halberd payments API is covered by Tomasz.", "Tomasz covers the Halberd payments API."),
+        ("Call Imani Castellano on weekends.", "Imani Castellano takes weekends."),
+        ("Yes, I'm sure it is Tomasz.", "Tomasz takes weekdays."),
+        ("It runs on a Tallinn-based server.", "The server moved to Tallinn."),
+        ("The release is due March 14, 2026.", "Release date: 2026-03-14."),
+        ("There are 3 engineers on the team.", "three engineers joined the team"),
+        ("Production runs version 4.18.0.", "Production runs v4.18.0 now."),
+        ("The pipeline runs at 2:30 PM.", "The pipeline runs at 14:30."),
+        ("The standup is at 9 AM.", "Standup moved to 9:00."),
+    ]
+    assert [t for t, s in faithful if invented(t, s)] == []
+    made_up = [
+        ("The hackathon was held in 2019.", "The Beryl Falls hackathon was won by Paper Lantern.", ["2019"]),
+        ("Stormpetrel is based in Germany.", "The Stormpetrel robot arm failed calibration.", ["Germany"]),
+        ("According to memory 2, Tomasz is on call.", "Tomasz is on call.", ["2"]),
+        ("The pipeline runs at 3:30 PM.", "The pipeline runs at 14:30.", ["3:30"]),
+    ]
+    assert [invented(t, s) for t, s, _ in made_up] == [want for _, _, want in made_up]
+
+
+def test_seed_data_checks_an_answer_against_every_memory_the_teacher_saw(tmp_path, tiny_dir):
+    """An earlier memory is answered with a newer related one in view: the newer value is no invention and is
+    kept; a value neither memory holds is dropped."""
+    import random
+
+    from sleepctl import record
+    from sleepctl.data import build_data
+    from sleepctl.engines import Rollouts
+    from sleepctl.memories import open_store
+    from sleepctl.models import load_tokenizer
+
+    src = tmp_path / "m.jsonl"
+    src.write_text(
+        '{"text": "The Quillmere standup is at 9:30 in room Umberlight."}\n'
+        '{"text": "The Quillmere standup moved to 10:05."}\n'
+    )
+    home = tmp_path / "home"
+    record([src], home=home)
+
+    class Teacher:
+        def generate(self, prompts, max_new_tokens, temperature, seed, **kw):
+            if "questions" in prompts[0]:
+                texts = ["When is the Quillmere standup?"] * len(prompts)
+            elif temperature == 0.0:
+                texts = ["The Quillmere standup is now at 10:05 in room Umberlight."] * len(prompts)
+            else:
+                texts = ["The Quillmere standup is at 11:45 in room Umberlight."] * len(prompts)
+            return Rollouts([[1]] * len(prompts), [[5]] * len(prompts), texts)
+
+    cfg, _ = load_recipe(
+        str(write_recipe(tmp_path / "r.yaml", tiny_dir)),
+        {"data.grounded_only": True, "data.teacher_samples": 2, "data.probes_per_memory": 0},
+    )
+    with open_store(home) as st:
+        traces = st.traces()
+        old = next(t for t in traces if "9:30" in t.text)
+        new = next(t for t in traces if "10:05" in t.text)
+        assert "9:30" in old.text and "10:05" in new.text
+        examples, _ = build_data(
+            [old], cfg, Teacher(), load_tokenizer(str(tiny_dir)), st, random.Random(0), 0, related={old.id: [new]}
+        )
+    asked = {e.prompt: e.samples for e in examples}["When is the Quillmere standup?"]
+    assert asked == ["The Quillmere standup is now at 10:05 in room Umberlight."]
