@@ -99,9 +99,9 @@ def _known_words(source: str) -> set[str]:
 
 
 def invented(text: str, source: str) -> list[str]:
-    """Names and values a dream states that the memories it was written from do not hold.
+    """Names and values a dream or a teacher answer states that the memories it was written from do not hold.
 
-    A dream is the model's own writing; on the CPU demo 5 of 16 dreams of one night misspelt or made up a name
+    Both are the model's own writing; on the CPU demo 5 of 16 dreams of one night misspelt or made up a name
     ("Odra Brennick" for Orla, "Kit Verhoeven" for Tomasz) and the probe-NLL reward passed two, so ReST-EM
     trained the wrong names in. A capitalised word unknown to the source is a name unless it only opens a
     sentence ("Consequences:", "Which ...?"); one that opens a sentence in front of another capitalised word
