@@ -105,8 +105,10 @@ def build_data(
     rng: random.Random,
     seed: int,
     related: dict[str, list[Trace]] | None = None,
+    dropped: list[dict[str, str]] | None = None,
 ) -> tuple[list[Example], list[Probe]]:
-    """Prompts, probes and teacher answers for every memory.
+    """Prompts, probes and teacher answers for every memory (`dropped`: the answers left out, see
+    `grounded_examples`).
 
     Questions about a memory carry it; a user turn like "heads up: X moved" only draws an acknowledgement.
     So the teacher, seeing the memory, writes questions; some become probes, held out from training.
@@ -168,7 +170,7 @@ def build_data(
         if p not in user_heldout
     ]
     sources = {t.id: seen_text(t, related) for t in traces}
-    examples += holding_target(grounded_examples(recipe, prompts, answers, sources), answer_of)
+    examples += holding_target(grounded_examples(recipe, prompts, answers, sources, dropped), answer_of)
     if d.transcript_copies == "reply":
         # a user turn every answer to which replayed the chat (or invented): what the chat itself answered it
         have = {(e.trace_id, e.prompt) for e in examples}
@@ -303,9 +305,14 @@ def answers_of(recipe: Recipe, ro, t_tok) -> list[str]:
 
 
 def grounded_examples(
-    recipe: Recipe, prompts: list[tuple[Trace, str]], answers: list[list[str]], seen: dict[str, str] | None = None
+    recipe: Recipe,
+    prompts: list[tuple[Trace, str]],
+    answers: list[list[str]],
+    seen: dict[str, str] | None = None,
+    dropped: list[dict[str, str]] | None = None,
 ) -> list[Example]:
-    """`seen`: per memory, the text the teacher answered from where it is more than the memory itself."""
+    """`seen`: per memory, the text the teacher answered from where it is more than the memory itself;
+    `dropped`, when given, gets each answer left out and why (the run's data.json keeps them for a reader)."""
     out = []
     for i, (t, p) in enumerate(prompts):
         # An answer that is not grounded in what the teacher saw is the teacher inventing: never teach it. Nor one
@@ -313,14 +320,17 @@ def grounded_examples(
         # company ("The Beryl Falls hackathon was held in 2019"; 3-6% of the 1.5B self teacher's answers on an H200,
         # 8-11% of the 0.5B's), or "According to memory 2", which a closed-book student has no memory 2 for.
         source = (seen or {}).get(t.id, t.text)
-        samples = list(
-            dict.fromkeys(
-                a[i]
-                for a in answers
-                if a[i].strip()
-                and (not recipe.data.grounded_only or (grounded(a[i], source) and not invented(a[i], source)))
-            )
-        )
+        samples = []
+        for a in dict.fromkeys(a[i] for a in answers if a[i].strip()):
+            why = None
+            if recipe.data.grounded_only and not grounded(a, source):
+                why = "not grounded"
+            elif recipe.data.grounded_only and (made_up := invented(a, source)):
+                why = "states " + ", ".join(made_up)
+            if why is None:
+                samples.append(a)
+            elif dropped is not None:
+                dropped.append({"trace_id": t.id, "prompt": p, "answer": a, "why": why})
         if samples:
             out.append(Example(t.id, p, samples))
     return out

@@ -403,16 +403,28 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_rel
             hint="every process must see the home on one filesystem (several nodes: a shared one)",
         )
     err.print(f"[dim]writing prompts and teacher answers for {len(pending)} memories…[/dim]")
+    dropped: list[dict[str, str]] = []
     with torch.no_grad(), teacher_view():
         t_engine.serve(None)
-        examples, probes = build_data(pending, cfg, t_engine, t_tok, st, random.Random(tr.seed), tr.seed, related)
+        examples, probes = build_data(
+            pending, cfg, t_engine, t_tok, st, random.Random(tr.seed), tr.seed, related, dropped
+        )
         old_data = cached_examples(st, olds, cfg.data.restatements)
         refreshed = refresh(olds, old_data, cfg, t_engine, t_tok, old_related, tr.seed) if olds else []
+    made_up = [x for x in dropped if x["why"].startswith("states ")]
+    if dropped:
+        names = sorted({x["why"].removeprefix("states ") for x in made_up})[:3]
+        eg = " (e.g. " + "; ".join(names) + ")" if names else ""
+        err.print(
+            f"[dim]{len(dropped) - len(made_up)} teacher answers left out as not grounded in the memory, "
+            f"{len(made_up)} for stating a name or value it lacks{eg}; the run's data.json lists them[/dim]"
+        )
     payload = json.dumps(
         {
             "examples": [e.__dict__ for e in examples],
             "refreshed": [e.__dict__ for e in refreshed],
             "probes": [p.model_dump() for p in probes],
+            "dropped": dropped,
         }
     )
     for dest in (data_path, cached):

@@ -133,8 +133,16 @@ def test_seed_data_checks_an_answer_against_every_memory_the_teacher_saw(tmp_pat
         old = next(t for t in traces if "9:30" in t.text)
         new = next(t for t in traces if "10:05" in t.text)
         assert "9:30" in old.text and "10:05" in new.text
+        dropped: list[dict] = []
         examples, _ = build_data(
-            [old], cfg, Teacher(), load_tokenizer(str(tiny_dir)), st, random.Random(0), 0, related={old.id: [new]}
+            [old], cfg, Teacher(), load_tokenizer(str(tiny_dir)), st, random.Random(0), 0, {old.id: [new]}, dropped
         )
     asked = {e.prompt: e.samples for e in examples}["When is the Quillmere standup?"]
     assert asked == ["The Quillmere standup is now at 10:05 in room Umberlight."]
+    # what was left out, and why, for a reader of the run's data.json
+    assert {
+        "trace_id": old.id,
+        "prompt": "When is the Quillmere standup?",
+        "answer": "The Quillmere standup is at 11:45 in room Umberlight.",
+        "why": "states 11:45",
+    } in dropped

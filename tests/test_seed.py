@@ -248,3 +248,19 @@ def test_deterministic_seed(tmp_path, tiny_dir, small_memories):
         outs.append([r["loss"] for r in _metrics(seed(str(recipe), home=h, show_progress=False).run_dir)])
     assert outs[0] == pytest.approx(outs[1], rel=1e-5)
     assert torch.isfinite(torch.tensor(outs[0])).all()
+
+
+def test_teacher_answers_left_out_are_counted_and_listed(home, tmp_path, tiny_dir, small_memories):
+    """A random model's answers ground nothing: with data.grounded_only on, the seed says how many it left out and
+    why, and the run's data.json lists each one, so a user can read what the filter took."""
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    r = cli("seed", "--recipe", str(recipe), "--home", str(home), "--set", "data.grounded_only=true", "--json")
+    assert r.returncode in (0, 3), r.stderr.decode()[-1500:]
+    assert b"teacher answers left out as not grounded in the memory" in r.stderr
+    run = Path(json.loads(r.stdout)["run_dir"])
+    dropped = json.loads((run / "data.json").read_text())["dropped"]
+    assert dropped and all(set(x) == {"trace_id", "prompt", "answer", "why"} for x in dropped)
+    assert all(x["why"] == "not grounded" or x["why"].startswith("states ") for x in dropped)
+    trained = {(e["prompt"], s) for e in json.loads((run / "data.json").read_text())["examples"] for s in e["samples"]}
+    assert not trained & {(x["prompt"], x["answer"]) for x in dropped}  # nothing left out is trained
