@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .errors import SleepError
-from .grounding import invented, values
+from .grounding import grounded, invented, values
 from .prompts import (
     Memory,
     entities,
@@ -33,7 +33,7 @@ from .prompts import (
 )
 from .recipe import Recipe
 from .records import Probe, Trace
-from .scoring import bag_f1, contains_match, grounded, token_bag, token_f1
+from .scoring import bag_f1, contains_match, token_bag, token_f1
 from .store import Store, new_id, now
 
 

@@ -1,4 +1,4 @@
-"""What a generated text may state: the names and values of the text it was written from.
+"""What a generated text may state: the words, names and values of the text it was written from.
 
 A teacher answer or a dream that states a name or a value its memory does not hold is the model inventing it
 ("The Beryl Falls hackathon was held in 2019", "Odra Brennick" for Orla); trained in, it is a false memory.
@@ -11,6 +11,22 @@ import re
 from text_to_num import alpha2digit
 
 from .prompts import _STOP
+from .scoring import normalize
+
+_STOPWORDS = set(
+    "i me my we our you your he him his she her it its they them their what which who whom this that these those am is are was were be been being have has had do does did a an the and but if or because as until while of at by for with about against between into through during before after above below to from up down in out on off over under again further then once here there when where why how all any both each few more most other some such no nor not only own same so than too very can will just should now".split()
+)
+
+
+def content_tokens(text: str) -> set[str]:
+    return {t for t in normalize(text).split() if t not in _STOPWORDS}
+
+
+def grounded(answer: str, memory: str, min_fraction: float = 0.5) -> bool:
+    """Most of the answer's content words occur in the memory: the teacher did not invent the answer."""
+    a = content_tokens(answer)
+    return bool(a) and len(a & content_tokens(memory)) / len(a) >= min_fraction
+
 
 # a value: a time, an ordinal, a code like G-41, or a number (with the word after it: its unit, as in "per")
 _VALUE = re.compile(r"(?<![\w:.\-])(\d{1,2}:\d{2}|\d+(?:st|nd|rd|th)\b|[A-Z]+-\d+|\d[\d,.]*\d|\d)(?:\s+([a-z]+))?")

@@ -54,18 +54,3 @@ def bag_f1(p: Counter[str], r: Counter[str]) -> float:
         return 0.0
     prec, rec = same / sum(p.values()), same / sum(r.values())
     return 2 * prec * rec / (prec + rec)
-
-
-_STOPWORDS = set(
-    "i me my we our you your he him his she her it its they them their what which who whom this that these those am is are was were be been being have has had do does did a an the and but if or because as until while of at by for with about against between into through during before after above below to from up down in out on off over under again further then once here there when where why how all any both each few more most other some such no nor not only own same so than too very can will just should now".split()
-)
-
-
-def content_tokens(text: str) -> set[str]:
-    return {t for t in normalize(text).split() if t not in _STOPWORDS}
-
-
-def grounded(answer: str, memory: str, min_fraction: float = 0.5) -> bool:
-    """Most of the answer's content words occur in the memory: the teacher did not invent the answer."""
-    a = content_tokens(answer)
-    return bool(a) and len(a & content_tokens(memory)) / len(a) >= min_fraction

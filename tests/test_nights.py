@@ -240,7 +240,7 @@ def test_refresh_keeps_answers_that_give_the_newer_value(tmp_path, tiny_dir, mon
     ]
     assert all(len(block) == 2 for _, block in seen)  # the teacher saw both memories, dated
     # the same answer judged against the old memory alone looks invented: that was the bias
-    from sleepctl.scoring import grounded
+    from sleepctl.grounding import grounded
 
     assert not grounded(said["Where is the pottery class?"], old.text)
 

@@ -1,5 +1,6 @@
+from sleepctl.grounding import grounded
 from sleepctl.prompts import entities, parse_questions
-from sleepctl.scoring import contains_match, grounded, normalize, token_f1
+from sleepctl.scoring import contains_match, normalize, token_f1
 
 
 def test_normalize_numbers_and_articles():
