@@ -21,6 +21,7 @@ from .prompts import (
     Memory,
     entities,
     entity_prompts,
+    link_names,
     parse_questions,
     question_request,
     render,
@@ -52,7 +53,7 @@ def link(traces: list[Trace], others: list[Trace], max_related: int) -> dict[str
     if max_related <= 0:
         return {}
     everyone = {t.id: t for t in [*traces, *others]}
-    names = {i: {e.lower() for e in entities(t.text, 12)} for i, t in everyone.items()}
+    names = {i: link_names(t.text) for i, t in everyone.items()}
     out: dict[str, list[Trace]] = {}
     for t in traces:
         shared = [(len(names[t.id] & names[o]), o) for o in everyone if o != t.id and names[t.id] & names[o]]

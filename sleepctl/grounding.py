@@ -10,7 +10,7 @@ import re
 
 from text_to_num import alpha2digit
 
-from .prompts import _STOP
+from .prompts import _STOP, ACRONYMS, CALENDAR
 from .scoring import normalize
 
 _STOPWORDS = set(
@@ -63,17 +63,9 @@ _OPENERS = _STOP | {
     *"Contact Check Make Keep Use Send Key Summary Question Answer Q A".split(),
     *"Your His Her Their Its My Our Currently Call Email Ping Message Remind Note Noted Got Yes No".split(),
 }
-_ACRONYMS = {"AM", "PM", "UTC", "GMT", "ETA", "EOD", "FYI", "TBD", "ASAP", "OK"}
 # not names: "I" forms anywhere in a sentence, and the calendar a date is rewritten in ("2026-03-14" as "March 14");
 # an invented date still shows in its numbers
-_NOT_NAMES = (
-    _ACRONYMS
-    | {"I'm", "I'd", "I'll", "I've"}
-    | {
-        *"January February March April May June July August September October November December".split(),
-        *"Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split(),
-    }
-)
+_NOT_NAMES = ACRONYMS | CALENDAR | {"I'm", "I'd", "I'll", "I've"}
 _LIST_MARK = re.compile(r"^[ \t]*(?:\d+[.)]|[-*•])[ \t]+", re.M)
 _MARKUP = re.compile(r"^[ \t]*#.*$|\*\*[^*\n]{1,40}:\*\*|\*\*|__", re.M)  # headings and labels go whole
 
