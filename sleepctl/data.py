@@ -28,6 +28,7 @@ from .prompts import (
     reply_of,
     restatement,
     restatement_prompts,
+    shared_names,
     turn_replies,
     user_turns,
     value_question_request,
@@ -56,7 +57,8 @@ def link(traces: list[Trace], others: list[Trace], max_related: int) -> dict[str
     names = {i: link_names(t.text) for i, t in everyone.items()}
     out: dict[str, list[Trace]] = {}
     for t in traces:
-        shared = [(len(names[t.id] & names[o]), o) for o in everyone if o != t.id and names[t.id] & names[o]]
+        common = {o: len(shared_names(names[t.id], names[o])) for o in everyone if o != t.id}
+        shared = [(n, o) for o, n in common.items() if n]
         shared.sort(key=lambda x: (-x[0], x[1]), reverse=False)
         if shared:
             out[t.id] = [everyone[o] for _, o in shared[:max_related]]

@@ -10,7 +10,7 @@ import re
 
 from text_to_num import alpha2digit
 
-from .prompts import _STOP, ACRONYMS, CALENDAR
+from .prompts import ACRONYMS, CALENDAR, OPENERS
 from .scoring import normalize
 
 _STOPWORDS = set(
@@ -55,14 +55,6 @@ def values(text: str) -> dict[str, set[str]]:
 
 
 _WORD = re.compile(r"[^\W_][\w'\-]*")
-# words that open a sentence or a question in front of a name without being part of it
-_OPENERS = _STOP | {
-    *"Is Are Was Were Do Does Did Can Could Will Would Should Has Have Had Who What Where Which Why How".split(),
-    *"After Before Because Since Then Now Today Yesterday Tomorrow Last Next As Both Each All Every Once Dear".split(),
-    *"There Here By With Until During Per Under Over Into About Regarding Not Only Just Meanwhile Ask Tell".split(),
-    *"Contact Check Make Keep Use Send Key Summary Question Answer Q A".split(),
-    *"Your His Her Their Its My Our Currently Call Email Ping Message Remind Note Noted Got Yes No".split(),
-}
 # not names: "I" forms anywhere in a sentence, and the calendar a date is rewritten in ("2026-03-14" as "March 14");
 # an invented date still shows in its numbers
 _NOT_NAMES = ACRONYMS | CALENDAR | {"I'm", "I'd", "I'll", "I've"}
@@ -143,9 +135,9 @@ def invented(text: str, source: str) -> list[str]:
                 continue  # an initial, an acronym, or a known word, also in its plural or singular ("Saturdays")
             if "-" in w and all(p.lower() in known for p in w.split("-") if p[:1].isupper()):  # "Tallinn-based"
                 continue
-            if k == 0 and opens and (bare in _OPENERS or (len(run) == 1 and not w.endswith("'s"))):
+            if k == 0 and opens and (bare in OPENERS or (len(run) == 1 and not w.endswith("'s"))):
                 continue
-            lead = opens and _bare(run[0]) in _OPENERS  # "There's", "Is": not part of the name
+            lead = opens and _bare(run[0]) in OPENERS  # "There's", "Is": not part of the name
             out.append(" ".join(run[1:] if lead else run))
             break
         i = j

@@ -65,6 +65,19 @@ def test_entities_leave_out_capitalised_words_that_name_nothing():
     assert entities("My daughter Ilse starts violin on Saturdays at St. Brendan's hall.", 5) == ["Ilse", "Brendan"]
     # said only first in its sentence: cannot be told from a label, so not asked about
     assert entities("Kestrel moved to Tallinn.", 5) == ["Tallinn"]
+    # a review's cases: list items, table cells and abbreviations open no sentence; an opener is no part of a name;
+    # a name ends at the line's end
+    assert entities("- Cormac owns billing\n* Priya owns search\n| Kestrel | Orla |", 5) == [
+        "Cormac",
+        "Priya",
+        "Kestrel",
+        "Orla",
+    ]
+    assert entities("Use a fast DB, e.g. Postgres, for billing at 3 p.m. Kestrel joins.", 5) == ["Postgres", "Kestrel"]
+    assert entities("Ping Cormac about the rota. Cormac said yes. Ask Orla.", 5) == ["Cormac", "Orla"]
+    assert entities("We visited St Ives on Black Friday.", 5) == ["St Ives", "Black Friday"]
+    assert entities("Subject: Kestrel\nTallinn approved it.", 5) == ["Kestrel"]
+    assert entities("", 5) == entities("user:", 5) == entities("... !!!", 5) == []
 
 
 def test_memories_are_related_by_a_shared_name_not_a_shared_word():
@@ -81,4 +94,17 @@ def test_memories_are_related_by_a_shared_name_not_a_shared_word():
         trace("3", "user: The Halberd API on-call is Tomasz Verhoeven from March."),
         trace("4", "user: The Quokka API moves to webhooks; Tomasz Verhoeven approved it."),
     ]
-    assert {k: [o.id for o in v] for k, v in link(ts, ts, 3).items()} == {"3": ["4"], "4": ["3"]}
+    ts += [
+        trace(
+            "5", "user: Orla owns the billing service."
+        ),  # Orla only opens: still shared with a memory saying it inside
+        trace("6", "user: Billing moved: Cormac owns it now, not Orla."),
+        trace("7", "user: Checking the rota."),  # two memories that both open with a word share nothing
+        trace("8", "user: Checking the pager."),
+    ]
+    assert {k: [o.id for o in v] for k, v in link(ts, ts, 3).items()} == {
+        "3": ["4"],
+        "4": ["3"],
+        "5": ["6"],
+        "6": ["5"],
+    }
