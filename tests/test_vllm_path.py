@@ -198,7 +198,9 @@ def test_a_night_through_one_engine_serving_stack_and_adapter(standin_vllm, home
     # the trainer's adapter alone on night 1 (r 4), the frozen night-1 adapter plus the new one on night 2 (r 8)
     ranks = sorted({r for _, r in served})
     assert ranks[0] == 4 and 8 in ranks
-    assert max(diff for diff, _ in served) < 1e-2, served
+    # bf16 rounding of the payload moves the tiny model's logits by up to about 1% of the largest (1.07% on one data
+    # set); a wrong adapter, scale or stack moves them by their own size
+    assert max(diff for diff, _ in served) < 2e-2, served
     ids = eng.added
     assert ids == sorted(ids) and len(set(ids)) == len(ids)  # a fresh id for every version
     summary = json.loads((Path(second.run_dir) / "summary.json").read_text())
