@@ -8,6 +8,7 @@ reloading from GGUF costs 15-60 s against about a second from the cache.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -165,7 +166,7 @@ def resolve(name: str) -> ResolvedModel:
         m = OFFLINE_MODELS[name]
         target = cache_dir() / m.alias
         if not (target / "config.json").exists():
-            _convert_gguf(offline_gguf(name), target)
+            convert_once(offline_gguf(name), target)
         return ResolvedModel(name, target, "alias")
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
@@ -179,7 +180,7 @@ def resolve(name: str) -> ResolvedModel:
                 raise ModelError(f"{p}: sha256 {digest} does not match {sidecar.name} ({expected})")
         target = cache_dir() / f"gguf-{digest[:16]}"
         if not (target / "config.json").exists():
-            _convert_gguf(p, target)
+            convert_once(p, target)
         return ResolvedModel(name, target, "gguf")
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -191,6 +192,20 @@ def resolve(name: str) -> ResolvedModel:
         f"unknown model {name!r}",
         hint=f"use an alias ({', '.join(OFFLINE_MODELS)}), a .gguf file, a model folder, or a Hugging Face id",
     )
+
+
+def convert_once(gguf: Path, target: Path, convert=None) -> None:
+    """Convert unless another process has: two runs started together on a fresh machine both converted, and the
+    second to finish removed the folder the first was already loading from. The lock is an flock, so the kernel
+    drops it with a process that dies."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the converting process
+        try:
+            if not (target / "config.json").exists():
+                (convert or _convert_gguf)(gguf, target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

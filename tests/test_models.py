@@ -58,3 +58,33 @@ def test_tokenizer_comparison(tiny_dir, tmp_path):
     assert compare_tokenizers(a, b) == "identical"
     c = load_tokenizer(str(tiny_model(tmp_path / "other", extra_tokens=["<zz>"])))
     assert compare_tokenizers(a, c) == "different"
+
+
+def test_a_model_is_converted_once_when_two_runs_ask_together(tmp_path):
+    """The second caller waits for the first's conversion and uses it: it neither converts again nor replaces the
+    folder the first is already loading from."""
+    import threading
+
+    from sleepctl.models import convert_once
+
+    target = tmp_path / "models" / "qwen"
+    calls, inside = [], threading.Event()
+    release = threading.Event()
+
+    def convert(gguf, tgt):
+        calls.append(gguf)
+        inside.set()
+        release.wait(30)
+        tgt.mkdir(parents=True)
+        (tgt / "config.json").write_text("{}")
+
+    first = threading.Thread(target=convert_once, args=(tmp_path / "a.gguf", target, convert))
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=convert_once, args=(tmp_path / "b.gguf", target, convert))
+    second.start()
+    second.join(0.5)  # time to reach the lock (without it: to start a second conversion)
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert calls == [tmp_path / "a.gguf"] and (target / "config.json").read_text() == "{}"
