@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -194,7 +195,7 @@ def resolve(name: str) -> ResolvedModel:
     )
 
 
-def convert_once(gguf: Path, target: Path, convert=None) -> None:
+def convert_once(gguf: Path, target: Path, convert: Callable[[Path, Path], None] | None = None) -> None:
     """Convert unless another process has: two runs started together on a fresh machine both converted, and the
     second to finish removed the folder the first was already loading from. The lock is an flock, so the kernel
     drops it with a process that dies."""

@@ -179,7 +179,9 @@ _KINDS = {
     *"OS VM IT HR IP LAN SQL".split(),
 }
 # a full stop that ends no sentence: a title, an abbreviation, an initial ("Mrs. Ravensworth", "e.g. Postgres")
-_NO_END = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|Prof|St|vs|etc|approx|incl|Inc|Ltd|Co|Jr|Sr|No|[A-Za-z])\.)$")
+_NO_END = re.compile(
+    r"\b(?:" + "|".join([*sorted(_TITLES), *"St vs etc approx incl Inc Ltd Co Jr Sr No".split()]) + r"|[A-Za-z])\.$"
+)
 _ROLE = re.compile(r"(?:^|\n)(?:user|assistant|tool|system):[ \t]*$")
 
 
