@@ -19,6 +19,7 @@ from .errors import SleepError
 from .grounding import grounded, invented, values
 from .prompts import (
     Memory,
+    cites_memories,
     entities,
     entity_prompts,
     link_names,
@@ -30,6 +31,7 @@ from .prompts import (
     restatement_prompts,
     shared_names,
     turn_replies,
+    uncited,
     user_turns,
     value_question_request,
 )
@@ -135,6 +137,7 @@ def build_data(
         for (t, q), a, b in zip(cand, greedy, sampled):
             if per_mem.get(t.id, 0) >= d.probes_per_memory:
                 continue
+            a, b = (uncited(x, seen_text(t, related)) for x in (a, b))  # as the student should answer
             if a and token_f1(a, b) >= 0.4 and grounded(a, t.text):
                 split = "heldout" if rng.random() < d.heldout_fraction else "train"
                 probes.append(
@@ -321,15 +324,19 @@ def grounded_examples(
         # An answer that is not grounded in what the teacher saw is the teacher inventing: never teach it. Nor one
         # that states a name or value the memory lacks: mostly the memory's words with a made-up year, place or
         # company ("The Beryl Falls hackathon was held in 2019"; 3-6% of the 1.5B self teacher's answers on an H200,
-        # 8-11% of the 0.5B's), or "According to memory 2", which a closed-book student has no memory 2 for.
+        # 8-11% of the 0.5B's). A clause citing the memory block ("According to memory 2, ") is cut first
+        # (`uncited`); an answer still talking about the memories it was shown ("The most recent memory is true.")
+        # is dropped: the closed-book student has none.
         source = (seen or {}).get(t.id, t.text)
         samples = []
-        for a in dict.fromkeys(a[i] for a in answers if a[i].strip()):
+        for a in dict.fromkeys(uncited(a[i], source) for a in answers if a[i].strip()):
             why = None
             if recipe.data.grounded_only and not grounded(a, source):
                 why = "not grounded"
             elif recipe.data.grounded_only and (made_up := invented(a, source)):
                 why = "states " + ", ".join(made_up)
+            elif recipe.data.grounded_only and cites_memories(a, source):
+                why = "talks about its memories"
             if why is None:
                 samples.append(a)
             elif dropped is not None:

@@ -61,6 +61,45 @@ def reply_of(answer: str) -> str:
     return " ".join(k for k in kept if k).strip()
 
 
+# A teacher answers with the memory block in view and often says so ("According to the most recent memory, the
+# standup is at 10:05"): 4% of the 1.5B self teacher's answers on an H200. The student answers with no memory
+# block, and learning the phrase had it tell a user "According to the most recent memory, ..." closed-book.
+# What a citation names: the memory block, by any of the words the teacher uses for it, and nothing after
+# "memory" but "provided", a number or a date ("the memory usage graphs" is a thing the memory talks about).
+_CITED = (
+    r"(?:the |a |my |your |both |these |those |all )?(?:[\w-]+ ){0,4}?(?:memor(?:y|ies)|information)"
+    r"(?: (?:provided|given|above|\d+))*(?:,? \(?(?:recorded|from|dated|of|on)(?: in| on| at)? [\d/:.-][\d/:. -]*\)?)?"
+)
+_LEAD_CITE = re.compile(
+    rf"^\s*(?:(?:according to|based on|as per|as stated in|from|in) {_CITED}\s*[,:]"
+    rf"|{_CITED},?\s+(?:states|says|records|indicates|shows|mentions|notes|confirms)(?: that)?)\s+",
+    re.I,
+)
+_TAIL_CITE = re.compile(
+    rf",?\s+(?:according to|based on|as per|as (?:stated|mentioned|recorded|noted) in) {_CITED}(?=[.!]?\s*$)", re.I
+)
+_MEMORY_WORD = re.compile(r"\bmemor(?:y|ies)\b", re.I)
+
+
+def uncited(answer: str, source: str = "") -> str:
+    """A teacher answer without the clause that cites its memory block: "According to the most recent memory,
+    X." and "The most recent memory states that X." are "X."; "X, as per the second memory." is "X." An answer
+    that cites nothing, or comes from a `source` that itself talks about memory (RAM), is returned as it is."""
+    if _MEMORY_WORD.search(source):
+        return answer
+    out = _TAIL_CITE.sub("", _LEAD_CITE.sub("", answer, count=1)).strip()
+    if out == answer.strip() or not out:
+        return answer
+    return out[0].upper() + out[1:]
+
+
+def cites_memories(answer: str, source: str) -> bool:
+    """The answer talks about memories where the text it came from does not ("The most recent memory is true.
+    ...", "It is not mentioned in the given memory"): the teacher describing its prompt, which a closed-book
+    student cannot see. A memory about RAM says "memory" itself, so its answers may too."""
+    return bool(_MEMORY_WORD.search(answer)) and not _MEMORY_WORD.search(source)
+
+
 def question_request(memory: str, n: int) -> str:
     return (
         f"Here is a note:\n\n{memory.strip()}\n\n"

@@ -412,12 +412,14 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_rel
         old_data = cached_examples(st, olds, cfg.data.restatements)
         refreshed = refresh(olds, old_data, cfg, t_engine, t_tok, old_related, tr.seed) if olds else []
     made_up = [x for x in dropped if x["why"].startswith("states ")]
+    citing = sum(x["why"] == "talks about its memories" for x in dropped)
     if dropped:
         names = sorted({x["why"].removeprefix("states ") for x in made_up})[:3]
         eg = " (e.g. " + "; ".join(names) + ")" if names else ""
         err.print(
-            f"[dim]{len(dropped) - len(made_up)} teacher answers left out as not grounded in the memory, "
-            f"{len(made_up)} for stating a name or value it lacks{eg}; the run's data.json lists them[/dim]"
+            f"[dim]{len(dropped) - len(made_up) - citing} teacher answers left out as not grounded in the memory, "
+            f"{len(made_up)} for stating a name or value it lacks{eg}, {citing} for talking about the memories "
+            "it was shown; the run's data.json lists them[/dim]"
         )
     payload = json.dumps(
         {

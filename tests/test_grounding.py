@@ -24,7 +24,7 @@ def _trace(i: str, text: str) -> Trace:
     return Trace(id=i, hash=i, kind="note", text=text, source="t", created_at=w, updated_at=w)
 
 
-def test_answers_with_a_made_up_year_place_or_numbered_memory_are_dropped_faithful_ones_kept(tmp_path, tiny_dir):
+def test_answers_with_a_made_up_year_or_place_are_dropped_faithful_ones_kept(tmp_path, tiny_dir):
     """Answers the 1.5B (self teacher) and the 0.5B wrote on an H200 for examples/ memories: each of the made-up
     ones passes the content-word check (most of its words are the memory's) and is dropped by the name check."""
     beryl, halberd = _trace("a", BERYL), _trace("b", HALBERD)
@@ -50,7 +50,11 @@ def test_answers_with_a_made_up_year_place_or_numbered_memory_are_dropped_faithf
     kept = {e.prompt: e.samples for e in grounded_examples(on, prompts, answers)}
     assert "When was the Beryl Falls hackathon held?" not in kept  # both of its answers made up a year or place
     assert kept["What do you know about Paper Lantern?"] == [answers[0][1]]
-    assert kept["Who is on call for Halberd on weekends?"] == ["Imani Castellano takes the Halberd weekends."]
+    # "According to memory 2, " cites a memory block the student will not have: the citation goes, the fact stays
+    assert kept["Who is on call for Halberd on weekends?"] == [
+        "Imani Castellano is on call for Halberd on weekends.",
+        "Imani Castellano takes the Halberd weekends.",
+    ]
 
     # what the teacher saw beside the memory counts as its source: a newer memory's value is no invention
     seen = {beryl.id: BERYL + "\nThe next Beryl Falls hackathon is in 2019."}
@@ -146,3 +150,48 @@ def test_seed_data_checks_an_answer_against_every_memory_the_teacher_saw(tmp_pat
         "answer": "The Quillmere standup is at 11:45 in room Umberlight.",
         "why": "states 11:45",
     } in dropped
+
+
+PENDLEWICK = "Team Pendlewick's Friday standup is at 9:30 in room Quinceford."
+MOVED = "Pernille Vashtenko moved Team Pendlewick's Friday standup to 10:05, same room."
+
+
+def test_answers_citing_the_memory_block_lose_the_citation_or_are_dropped(tmp_path, tiny_dir):
+    """Answers the 1.5B self teacher wrote on an H200 with two dated memories in view; trained as they were, the
+    student told a user "According to the most recent memory, ..." closed-book after five nights."""
+    from sleepctl.prompts import uncited
+
+    t = _trace("a", PENDLEWICK)
+    seen = {t.id: PENDLEWICK + "\n2026-11-29 11:38 " + MOVED}
+    q = "What time is Team Pendlewick's Friday standup?"
+    answers = [
+        ["According to the most recent memory, Team Pendlewick's Friday standup is at 10:05 in room Quinceford."],
+        ["The most recent memory, recorded 2026-11-29 11:38, states that the standup is at 10:05."],
+        ["The most recent memory is true. Team Pendlewick's Friday standup is now at 10:05, same room."],
+        ["Team Pendlewick's Friday standup is at 10:05, as per the second memory."],
+    ]
+    rcp = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    on, _ = load_recipe(str(rcp), {"data.grounded_only": True})
+    dropped: list[dict[str, str]] = []
+    (e,) = grounded_examples(on, [(t, q)], answers, seen, dropped)
+    assert e.samples == [
+        "Team Pendlewick's Friday standup is at 10:05 in room Quinceford.",
+        "The standup is at 10:05.",
+        "Team Pendlewick's Friday standup is at 10:05.",
+    ]
+    assert [d["why"] for d in dropped] == ["talks about its memories"]  # the third: no clause to cut, so dropped
+
+    # no citation to cut: the answer stays as written, a thing named "memory ..." included
+    for a in (
+        "Based on the memory usage graphs, the leak is in the parser.",
+        "From the CRM, Ploverbank renews in May.",
+        "In memory of Orla, the lab is named Brennick.",
+        "According to the decision note 7, we use Postgres.",
+    ):
+        assert uncited(a) == a
+    # a memory about RAM talks about memory itself: its answers keep the word, and are not dropped for it
+    ram = _trace("r", "The build box has 64 GB of memory; memory use peaks at 80% during links.")
+    ram_answer = "According to the memory, the build box has 64 GB."
+    assert uncited(ram_answer, ram.text) == ram_answer
+    (kept,) = grounded_examples(on, [(ram, "How much memory does the build box have?")], [[ram_answer]])
+    assert kept.samples == [ram_answer]
