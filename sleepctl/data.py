@@ -137,8 +137,9 @@ def build_data(
         for (t, q), a, b in zip(cand, greedy, sampled):
             if per_mem.get(t.id, 0) >= d.probes_per_memory:
                 continue
-            a, b = (uncited(x, seen_text(t, related)) for x in (a, b))  # as the student should answer
-            if a and token_f1(a, b) >= 0.4 and grounded(a, t.text):
+            src = seen_text(t, related)
+            a, b = (uncited(x, src) for x in (a, b))  # as the student should answer, without "memory 2"
+            if a and token_f1(a, b) >= 0.4 and grounded(a, t.text) and not cites_memories(a, src):
                 split = "heldout" if rng.random() < d.heldout_fraction else "train"
                 probes.append(
                     Probe(

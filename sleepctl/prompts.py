@@ -66,37 +66,62 @@ def reply_of(answer: str) -> str:
 # block, and learning the phrase had it tell a user "According to the most recent memory, ..." closed-book.
 # What a citation names: the memory block, by any of the words the teacher uses for it, and nothing after
 # "memory" but "provided", a number or a date ("the memory usage graphs" is a thing the memory talks about).
+_DATE = r"[\d/:.-](?:[\d/:-]|[. ](?=\d))*"  # "2026-11-29 11:32", ending on its last digit, not the full stop
+_WHEN = rf"(?:,? \(?(?:which (?:is|was) )?(?:recorded|from|dated|of|on)(?: in| on| at)? {_DATE}\)?)?"
 _CITED = (
-    r"(?:the |a |my |your |both |these |those |all )?(?:[\w-]+ ){0,4}?(?:memor(?:y|ies)|information)"
-    r"(?: (?:provided|given|above|\d+))*(?:,? \(?(?:recorded|from|dated|of|on)(?: in| on| at)? [\d/:.-][\d/:. -]*\)?)?"
+    r"(?:the |a |my |your |both |these |those |all )?(?:[\w-]+ ){0,4}?"
+    r"(?:memor(?:y|ies)|information (?:provided|given)|(?:provided|given) information)"
+    rf"(?: (?:provided|given|above|\d+))*{_WHEN}"
 )
 _LEAD_CITE = re.compile(
     rf"^\s*(?:(?:according to|based on|as per|as stated in|from|in) {_CITED}\s*[,:]"
-    rf"|{_CITED},?\s+(?:states|says|records|indicates|shows|mentions|notes|confirms)(?: that)?)\s+",
+    rf"|{_CITED},?\s+(?:(?:states|says)(?: that)?|(?:records|indicates|shows|mentions|notes|confirms) that):?)\s+",
     re.I,
 )
+# (?<!...): a match starts only where a run of spaces does, else a long run is tried from each of its spaces
 _TAIL_CITE = re.compile(
-    rf",?\s+(?:according to|based on|as per|as (?:stated|mentioned|recorded|noted) in) {_CITED}(?=[.!]?\s*$)", re.I
+    rf"(?<![\s,]),?\s+(?:according to|based on|as per|as (?:stated|mentioned|recorded|noted) in) {_CITED}"
+    r"(?=[.!]?\s*$)",
+    re.I,
 )
 _MEMORY_WORD = re.compile(r"\bmemor(?:y|ies)\b", re.I)
+# the memory block named as such: numbered, ordered in time or "given"; never a thing a memory itself talks about
+_QUALIFIED = re.compile(
+    r"\bmemory \d|\b(?:recent|latest|newest|newer|older|earlier|first|second|third|given|provided|two|both|above) "
+    r"memor(?:y|ies)\b|\bmemor(?:y|ies) (?:provided|given|above)\b",
+    re.I,
+)
+_DANGLING = re.compile(
+    r"(?:which|that|who)\b|[,;:.)]|(?:the )?(?:most recent|latest) information,", re.I
+)  # what is left of a clause cut in the wrong place
 
 
 def uncited(answer: str, source: str = "") -> str:
     """A teacher answer without the clause that cites its memory block: "According to the most recent memory,
     X." and "The most recent memory states that X." are "X."; "X, as per the second memory." is "X." An answer
-    that cites nothing, or comes from a `source` that itself talks about memory (RAM), is returned as it is."""
-    if _MEMORY_WORD.search(source):
+    that cites nothing is returned as it is, and so is one whose cut would leave a fragment. Where the `source`
+    itself talks about memory (RAM, "saved to memory"), only a citation of the block as such is cut ("memory 2",
+    "the most recent memory"), not "According to the memory, ..."."""
+    ram = bool(_MEMORY_WORD.search(source))
+
+    def cut(m: re.Match) -> str:
+        return "" if not ram or _QUALIFIED.search(m.group(0)) else m.group(0)
+
+    out = _TAIL_CITE.sub(cut, _LEAD_CITE.sub(cut, answer, count=1)).strip()
+    if out == answer.strip() or not out or _DANGLING.match(out):
         return answer
-    out = _TAIL_CITE.sub("", _LEAD_CITE.sub("", answer, count=1)).strip()
-    if out == answer.strip() or not out:
-        return answer
-    return out[0].upper() + out[1:]
+    if out[0].islower() and not out[1:2].isupper():  # "iPhone" stays as it is
+        out = out[0].upper() + out[1:]
+    return out
 
 
 def cites_memories(answer: str, source: str) -> bool:
-    """The answer talks about memories where the text it came from does not ("The most recent memory is true.
-    ...", "It is not mentioned in the given memory"): the teacher describing its prompt, which a closed-book
-    student cannot see. A memory about RAM says "memory" itself, so its answers may too."""
+    """The answer talks about memories ("The most recent memory is true. ...", "It is not mentioned in the given
+    memory"): the teacher describing its prompt, which a closed-book student cannot see. Where the source says
+    "memory" itself (RAM), only a mention of the block as such counts."""
+    said = source.lower()
+    if any(m.group(0).lower() not in said for m in _QUALIFIED.finditer(answer)):
+        return True
     return bool(_MEMORY_WORD.search(answer)) and not _MEMORY_WORD.search(source)
 
 

@@ -14,7 +14,7 @@ import random
 import torch
 
 from .data import Example, is_restatement
-from .prompts import render, restatement, restatement_prompts
+from .prompts import cites_memories, render, restatement, restatement_prompts, uncited
 from .recipe import Recipe
 from .records import Trace
 from .store import Store
@@ -22,11 +22,16 @@ from .training import completion_logits, labels_tensor
 
 
 def cached_examples(st: Store, traces: list[Trace], restatements: int) -> dict[str, list[Example]]:
-    """Each memory's newest teacher data; a memory without any (an older home) replays its restatements."""
+    """Each memory's newest teacher data; a memory without any (an older home) replays its restatements. Data a
+    home stored before answers lost their citations of the memory block (`uncited`) loses them here."""
     rows = st.examples([t.id for t in traces])
     out: dict[str, list[Example]] = {}
     for t in traces:
-        got = [Example(t.id, p, s) for p, s in rows.get(t.id, [])]
+        got = []
+        for p, samples in rows.get(t.id, []):
+            kept = [a for a in dict.fromkeys(uncited(a, t.text) for a in samples) if not cites_memories(a, t.text)]
+            if kept:
+                got.append(Example(t.id, p, kept))
         out[t.id] = got or [
             Example(t.id, p, [restatement(t)]) for p in restatement_prompts(t.text, max(1, restatements))
         ]

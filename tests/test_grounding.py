@@ -195,3 +195,97 @@ def test_answers_citing_the_memory_block_lose_the_citation_or_are_dropped(tmp_pa
     assert uncited(ram_answer, ram.text) == ram_answer
     (kept,) = grounded_examples(on, [(ram, "How much memory does the build box have?")], [[ram_answer]])
     assert kept.samples == [ram_answer]
+
+
+def test_a_cut_that_would_leave_a_fragment_or_eat_a_fact_is_not_made():
+    """Real and near-real teacher phrasings (H200, this repository's sets) where a cut in the wrong place would
+    train garbled text; each is left as written, and `cites_memories` then drops the ones about the block."""
+    from sleepctl.prompts import cites_memories, uncited
+
+    # the clause runs on past the comma: left whole, dropped for talking about the memory
+    odd = "According to the most recent memory, which was written after the move, Oddvar owns it."
+    assert uncited(odd) == odd and cites_memories(odd, PENDLEWICK)
+    shows = "The most recent memory shows Cormac Hallowby as primary."  # no "that": the verb's object is the fact
+    assert uncited(shows) == shows and cites_memories(shows, PENDLEWICK)
+    # a date ends on its digit: the sentence keeps its full stop; "which was recorded on" is part of the citation
+    assert uncited("The standup is at 10:05, according to the memory recorded on 2026-11-29.") == (
+        "The standup is at 10:05."
+    )
+    assert uncited("According to the most recent memory, which was recorded on 2026-11-29 11:32, Oddvar owns it.") == (
+        "Oddvar owns it."
+    )
+    assert uncited("The most recent memory states that:\n\nCormac leads.") == "Cormac leads."
+    # "information" cites the block only as "the information provided/given"
+    for a in (
+        "The contact information shows the number 555-1234.",
+        "According to the latest security information, the VPN is Moorgate.",
+        "Based on the memory usage graphs, the leak is in the parser.",
+        "From the CRM, Ploverbank renews in May.",
+        "In memory of Orla, the lab is named Brennick.",
+        "According to the decision note 7, we use Postgres.",
+    ):
+        assert uncited(a) == a
+    assert uncited("According to the information provided, the code is 3094.") == "The code is 3094."
+    assert uncited("According to the memory, iPhone builds run nightly.") == "iPhone builds run nightly."
+    # a source that says "memory" (RAM, "saved to memory"): the block named as such is still cut and dropped
+    ram = "The build box has 64 GB of memory."
+    assert uncited("According to memory 2, the box has 64 GB.", ram) == "The box has 64 GB."
+    assert uncited("According to the memory, the box has 64 GB.", ram) == "According to the memory, the box has 64 GB."
+    assert cites_memories("As the most recent memory says, 64 GB.", ram)
+    assert not cites_memories("The box has 64 GB of memory.", ram)
+    # a long run of spaces costs linear time (each of its spaces used to start a new attempt)
+    assert uncited("x" + " " * 50_000 + "x") == "x" + " " * 50_000 + "x"
+
+
+def test_teacher_probes_and_replayed_answers_lose_their_citations(tmp_path, tiny_dir):
+    """A teacher probe's answer is what the student is scored against (and trains on, in the train split): it
+    loses the citation, and a probe whose answer talks about the memories is not written. Teacher data a home
+    stored before the cut loses its citations when it is replayed."""
+    import random
+
+    from sleepctl import record
+    from sleepctl.data import build_data
+    from sleepctl.engines import Rollouts
+    from sleepctl.memories import open_store
+    from sleepctl.models import load_tokenizer
+    from sleepctl.replay import cached_examples
+
+    src = tmp_path / "m.jsonl"
+    src.write_text('{"text": "The Quillmere standup is at 10:05 in room Umberlight."}\n')
+    home = tmp_path / "home"
+    record([src], home=home)
+
+    class Teacher:
+        def generate(self, prompts, max_new_tokens, temperature, seed, **kw):
+            texts = []
+            for p in prompts:
+                if "Write" in p and "questions" in p:
+                    texts.append("When is the Quillmere standup?\nWhere is the Quillmere standup?")
+                elif "When is" in p:
+                    texts.append("According to the given memory, the Quillmere standup is at 10:05.")
+                else:
+                    texts.append("The given memory puts the Quillmere standup in room Umberlight.")
+            return Rollouts([[1]] * len(prompts), [[5]] * len(prompts), texts)
+
+    cfg, _ = load_recipe(
+        str(write_recipe(tmp_path / "r.yaml", tiny_dir)),
+        {"data.grounded_only": True, "data.probes_per_memory": 2, "data.heldout_fraction": 1.0},
+    )
+    with open_store(home) as st:
+        (t,) = st.traces()
+        _, probes = build_data([t], cfg, Teacher(), load_tokenizer(str(tiny_dir)), st, random.Random(0), 0)
+        assert [(p.question, p.answer) for p in probes if p.origin == "teacher"] == [
+            ("When is the Quillmere standup?", "The Quillmere standup is at 10:05.")
+        ]
+
+        with st.transaction() as db:
+            st.insert_examples(
+                db,
+                "run_old",
+                [
+                    (t.id, "When is it?", ["According to memory 1, it is at 10:05.", "It is at 10:05."]),
+                    (t.id, "Is that right?", ["The most recent memory is true."]),
+                ],
+            )
+        got = {e.prompt: e.samples for e in cached_examples(st, [t], 1)[t.id]}
+    assert got == {"When is it?": ["It is at 10:05."]}
