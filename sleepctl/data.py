@@ -311,6 +311,9 @@ def answers_of(recipe: Recipe, ro, t_tok) -> list[str]:
     return out
 
 
+CITES_MEMORIES = "talks about its memories"  # a dropped answer's reason, counted apart in the seed's summary
+
+
 def grounded_examples(
     recipe: Recipe,
     prompts: list[tuple[Trace, str]],
@@ -337,7 +340,7 @@ def grounded_examples(
             elif recipe.data.grounded_only and (made_up := invented(a, source)):
                 why = "states " + ", ".join(made_up)
             elif recipe.data.grounded_only and cites_memories(a, source):
-                why = "talks about its memories"
+                why = CITES_MEMORIES
             if why is None:
                 samples.append(a)
             elif dropped is not None:

@@ -31,7 +31,7 @@ from rich.console import Console
 from . import distributed
 from .adapters import lineage, publish_adapter, stack_lora
 from .anchor import AnchorText, kl_drift
-from .data import Example, build_data, context, link, recheck, refresh, superseded
+from .data import CITES_MEMORIES, Example, build_data, context, link, recheck, refresh, superseded
 from .engines import lora_capacity, release_engines, rollout_engine
 from .errors import ModelError, RecipeError, SleepError
 from .home import open_home, sleep_lock, write_atomic
@@ -412,7 +412,7 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_rel
         old_data = cached_examples(st, olds, cfg.data.restatements)
         refreshed = refresh(olds, old_data, cfg, t_engine, t_tok, old_related, tr.seed) if olds else []
     made_up = [x for x in dropped if x["why"].startswith("states ")]
-    citing = sum(x["why"] == "talks about its memories" for x in dropped)
+    citing = sum(x["why"] == CITES_MEMORIES for x in dropped)
     if dropped:
         names = sorted({x["why"].removeprefix("states ") for x in made_up})[:3]
         eg = " (e.g. " + "; ".join(names) + ")" if names else ""
