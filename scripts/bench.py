@@ -3,6 +3,8 @@
     make bench                                  # quick CPU recipe on examples/
     python scripts/bench.py --recipe qwen-small-large --teacher small --student large   # on a GPU
     python scripts/bench.py --seeds 3           # three training seeds, each in its own home: mean ± sd
+    python scripts/bench.py --first-seed 2 --name s2 ...   # seed 2 alone, e.g. in a second process on one GPU
+    python scripts/bench.py --merge .bench/s01.json .bench/s2.json --name s012   # one table over both
 
 Recall is split by probe origin everywhere it is printed: `user` probes are the ones the agent's user wrote
 (what a user would ask), `teacher` probes were written by the teacher model from the memory.
@@ -211,11 +213,17 @@ def main() -> None:
         "--no-baselines", action="store_true", help="skip the naive-SFT baseline (base and in-context stay)"
     )
     ap.add_argument("--seeds", type=int, default=1, help="training seeds, each in its own home (mean ± sd)")
+    ap.add_argument("--first-seed", type=int, help="seeds FIRST..FIRST+SEEDS-1 (one process per part, then --merge)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="one table over result files of the same benchmark")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args)
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
-    if args.home and args.seeds > 1:
-        ap.error("--home names one home; --seeds N makes one per seed")
+    if args.first_seed is not None and args.first_seed < 0:
+        ap.error("--first-seed must be at least 0")
+    if args.home and (args.seeds > 1 or args.first_seed is not None):
+        ap.error("--home names one home; --seeds N and --first-seed make one per seed")
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     name = args.name or f"{Path(args.recipe).stem}-{stamp}"
@@ -224,18 +232,20 @@ def main() -> None:
     con = Console(stderr=True)
 
     runs = []
-    for k in range(args.seeds):
+    per_seed = args.seeds > 1 or args.first_seed is not None
+    first_seed = args.first_seed or 0
+    for k in range(first_seed, first_seed + args.seeds):
         if args.home:
             home = Path(args.home)
         else:
-            home = out / name / ("home" if args.seeds == 1 else f"home-seed{k}")
-        seed_ov = ov if args.seeds == 1 else {**ov, "training.seed": k}
+            home = out / name / (f"home-seed{k}" if per_seed else "home")
+        seed_ov = {**ov, "training.seed": k} if per_seed else ov
         r = one_run(args, home, seed_ov, con)
         if r is None:
             continue
-        runs.append(r)
+        runs.append({**r, "training_seed": seed_ov.get("training.seed")})
         path = write_result(out / f"{name}.json", args, name, runs)  # after every seed: a cut run keeps the done ones
-        if args.seeds > 1:
+        if per_seed:
             rec = r["recall"]["sleep"]
             user = f", user probes {100 * rec['user']:.1f}%" if rec.get("user") is not None else ""
             con.print(f"seed {k}: seed recall {100 * rec['contains']:.1f}%{user} ({home})")
@@ -257,17 +267,82 @@ def write_result(path: Path, args, name: str, runs: list[dict]) -> Path:
         "machine": machine(),
         "seeds": args.seeds,
         "seeds_done": len(runs),
+        "models": {"teacher": args.teacher, "student": args.student},  # as asked (--teacher/--student)
+        "overrides": {k: v for k, v in parse_overrides(args.overrides).items() if k != "training.seed"},
+        "dream": not args.no_dream,
+        "baselines": not args.no_baselines,
         **runs[0],  # one seed's figures as before; `summary` holds mean ± sd over all of them
         "summary": summarize(runs),
-        "runs": runs if args.seeds > 1 else [],
+        "runs": runs if args.seeds > 1 or args.first_seed is not None else [],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
 
 
-def print_tables(args, first: dict, summary: dict, n_seeds: int) -> None:
+# how much of a GPU each vLLM engine may take: a process sharing a card with another needs less, and nothing it
+# trains or measures changes with it; runs that differ only in these merge (as in bench_nights.py)
+ENGINE_SHARES = {"vllm.gpu_memory_utilization", "vllm.teacher_gpu_memory_utilization"}
+
+
+def merge(args) -> None:
+    """One table over seeds run in separate processes: the files must be the same benchmark (recipe, memory file,
+    models, overrides but the engines' memory shares, dream, baselines), each seed in one file only."""
+    paths = [Path(p) for p in args.merge]
+    parts = []
+    for p in paths:
+        try:
+            r = json.loads(p.read_text())
+            if not r["runs"] or any(x.get("training_seed") is None for x in r["runs"]):
+                raise ValueError("it names no training seed: run it with --seeds N or --first-seed K")
+            parts.append(r)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--merge: {p}: not a bench.py result with training seeds ({e})") from None
+
+    def method(r: dict) -> dict:
+        return {k: v for k, v in r["overrides"].items() if k not in ENGINE_SHARES}
+
+    same = ("recipe", "memories_file", "models", "student", "dream", "baselines")
+    for p, r in zip(paths[1:], parts[1:]):
+        diff = [k for k in same if r.get(k) != parts[0].get(k)] + ["overrides"] * (method(r) != method(parts[0]))
+        if diff:
+            raise SystemExit(f"--merge: {p} is another benchmark than {paths[0]}: {', '.join(diff)} differ")
+    runs, seen = [], set()
+    for p, r in zip(paths, parts):
+        for run in r["runs"]:
+            if run["training_seed"] in seen:
+                raise SystemExit(f"--merge: {p}: training seed {run['training_seed']} is already in an earlier file")
+            seen.add(run["training_seed"])
+            runs.append(run)
+    runs.sort(key=lambda x: x["training_seed"])
+    first = parts[0]
+    name = args.name or f"{first['name']}-merged"
+    result = {k: first[k] for k in ("recipe", "memories_file", "machine", "models", "dream", "baselines")}
+    result |= {
+        "name": name,
+        "merged": [str(p) for p in paths],
+        "overrides": method(first),
+        "engine_shares": {
+            str(p): {k: v for k, v in r["overrides"].items() if k in ENGINE_SHARES} for p, r in zip(paths, parts)
+        },
+        "seeds": len(runs),
+        "seeds_done": len(runs),
+        **runs[0],
+        "summary": summarize(runs),
+        "runs": runs,
+    }
+    out = Path(args.out) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    args.recipe, args.memories = first["recipe"], first["memories_file"]
+    print_tables(args, runs[0], result["summary"], len(runs), [r["training_seed"] for r in runs])
+    Console(stderr=True).print(f"results: {out}")
+
+
+def print_tables(args, first: dict, summary: dict, n_seeds: int, seed_ids: list | None = None) -> None:
     seeds = f", {n_seeds} training seeds (mean ± sd)" if n_seeds > 1 else ""
+    if seed_ids:
+        seeds = f", training seeds {seed_ids}" + (" (mean ± sd)" if n_seeds > 1 else "")
     t = Table(
         title=f"sleepctl bench: {args.recipe} on {Path(args.memories).name} ({first['memories']} memories, "
         f"{first['heldout_probes']} held-out probes: {first['recall']['base']['user_probes']} user, "

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sleepctl.scoring import contains_match
 
@@ -71,6 +72,51 @@ def test_bench_seeds_give_mean_and_spread(tmp_path, tiny_dir, small_memories):
     assert kept["summary"]["recall"]["sleep"]["contains"]["n"] == 1
     bad = script("bench.py", *common, "--seeds", "2", "--home", str(tmp_path / "h"), timeout=120)
     assert bad.returncode == 2 and b"one per seed" in bad.stderr
+
+    # seed 5 alone, as a second process on the same GPU would run it, then one table over both files
+    r = script(
+        "bench.py",
+        *common,
+        "--no-baselines",
+        "--first-seed",
+        "5",
+        "--name",
+        "f",
+        "--set",
+        "vllm.gpu_memory_utilization=0.1",
+    )
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    f = json.loads((out / "f.json").read_text())
+    assert [x["training_seed"] for x in f["runs"]] == [5] and f["runs"][0]["home"].endswith("home-seed5")
+    trained = yaml.safe_load((Path(f["seed"]["run_dir"]) / "recipe.yaml").read_text())
+    assert trained["training"]["seed"] == 5
+    m = script("bench.py", "--merge", str(out / "f.json"), str(out / "s.json"), "--out", str(out), "--name", "m")
+    assert m.returncode == 0, m.stderr.decode()[-3000:]
+    res = json.loads((out / "m.json").read_text())
+    assert [x["training_seed"] for x in res["runs"]] == [0, 1, 5] and res["seeds"] == 3
+    values = [x["recall"]["sleep"]["contains"] for x in res["runs"]]
+    stats = res["summary"]["recall"]["sleep"]["contains"]
+    assert stats["n"] == 3 and abs(stats["mean"] - sum(values) / 3) < 1e-9
+    assert res["overrides"] == {} and res["engine_shares"][str(out / "f.json")] == {"vllm.gpu_memory_utilization": 0.1}
+    assert "training seeds [0, 1, 5]" in m.stdout.decode()
+    # refused, with the reason: a seed twice, another benchmark, a file without training seeds, no file
+    dup = script("bench.py", "--merge", str(out / "s.json"), str(out / "s.json"), "--out", str(out), "--name", "x")
+    assert dup.returncode != 0 and b"training seed 0 is already in an earlier file" in dup.stderr
+    other = json.loads((out / "f.json").read_text()) | {"overrides": {"loss.beta": 0.1}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    bad = script("bench.py", "--merge", str(out / "s.json"), str(tmp_path / "other.json"), "--out", str(out))
+    assert bad.returncode != 0 and b"is another benchmark than" in bad.stderr and b"overrides" in bad.stderr
+    old = {k: v for k, v in res.items() if k != "runs"} | {
+        "runs": [{k: v for k, v in res["runs"][0].items() if k != "training_seed"}]
+    }
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    bad = script("bench.py", "--merge", str(tmp_path / "old.json"), "--out", str(out))
+    assert bad.returncode != 0 and b"names no training seed" in bad.stderr
+    missing = script("bench.py", "--merge", str(tmp_path / "nowhere.json"), "--out", str(out))
+    assert missing.returncode != 0 and b"not a bench.py result" in missing.stderr
+    assert not (out / "x.json").exists()
+    neg = script("bench.py", *common, "--first-seed", "-1", timeout=120)
+    assert neg.returncode == 2 and b"--first-seed must be at least 0" in neg.stderr
 
 
 def test_gpu_bench_runs_at_toy_size(tmp_path):
