@@ -44,7 +44,7 @@ from .data import context, later, link
 from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
 from .evaluate import answer, job_recipe
-from .grounding import invented
+from .grounding import grounded, invented
 from .home import Home, open_home, sleep_lock, write_atomic
 from .loop import train
 from .lora_copies import LoraCopies
@@ -80,8 +80,8 @@ NEWER_WINS = "Where these notes disagree, the most recent one is true: it replac
 DREAM_PROMPTS = {
     "implication": "Here is something you remember:\n\n{m}\n\nWrite two or three sentences on what follows from it: "
     "consequences, who is affected, what happens next. " + KEEP,
-    "qa": "Here is something you remember:\n\n{m}\n\nWrite three questions about it, each followed by its answer, "
-    "in the form 'Q: ... A: ...'. " + KEEP,
+    "qa": "Here is something you remember:\n\n{m}\n\nWrite three questions about it, each followed by its answer "
+    "in one full sentence, in the form 'Q: ... A: ...'. " + KEEP,
     "rephrase": "Here is something you remember:\n\n{m}\n\nRestate it in your own words as a short paragraph. " + KEEP,
     "combine": "Here are two things you remember:\n\n{m}\n\n{m2}\n\nWrite a short paragraph that mentions both. "
     + KEEP,
@@ -100,7 +100,7 @@ class DreamResult(BaseModel):
     replay: int = 0
     dreams: int = 0
     kept: int = 0
-    invented: int = 0  # dreams dropped for stating a name or value their memories do not hold
+    invented: int = 0  # dreams dropped as not grounded: a name or value their memories lack, or mostly other words
     rewarded: int = 0
     steps: int = 0
     before: dict[str, float | None] = {}
@@ -150,23 +150,31 @@ def dream_memory(t: Trace, newer: list[Trace]) -> str:
 def dream_jobs(
     cfg: Recipe, targets: list[Trace], newer: dict[str, list[Trace]], rng: random.Random
 ) -> list[dict[str, Any]]:
-    """The dreams to write: `dreams_per_memory` per memory, cycling through the recipe's kinds."""
+    """The dreams to write: `dreams_per_memory` per memory, cycling through the recipe's kinds.
+
+    A combination joins two memories that share a name. Two unrelated ones drawn at random taught false links:
+    on the real pair a kept dream read "The Lanternfish analytics service will use DuckDB; Dana Okafor approved
+    the slip" (Dana approved another memory's delay), and after the dream "Who approved the Quokka decision?" was
+    answered "Dana Okafor". A memory with no such partner gets a rephrasing instead."""
     dc = cfg.dream
+    partners = link(targets, targets, cfg.replay.max_related) if "combine" in dc.kinds else {}
     jobs = []
     for t in targets:
         for k in range(dc.dreams_per_memory):
             kind = dc.kinds[k % len(dc.kinds)]
-            other = rng.choice([x for x in targets if x.id != t.id]) if kind == "combine" and len(targets) > 1 else None
+            mates = [x for x in partners.get(t.id, []) if x.id != t.id]
+            other = rng.choice(mates) if kind == "combine" and mates else None
             if kind == "combine" and other is None:
                 kind = "rephrase"
+            m = dream_memory(t, newer.get(t.id, []))
             m2 = dream_memory(other, newer.get(other.id, [])) if other else ""
-            text = DREAM_PROMPTS[kind].format(m=dream_memory(t, newer.get(t.id, [])), m2=m2)
             jobs.append(
                 {
                     "id": f"d{len(jobs):05d}",
                     "trace_id": t.id,
                     "kind": kind,
-                    "prompt": text,
+                    "prompt": DREAM_PROMPTS[kind].format(m=m, m2=m2),
+                    "source": f"{m}\n\n{m2}" if m2 else m,  # what the dream may state
                     "dropout": rng.random() < dc.adapter_dropout,
                 }
             )
@@ -216,16 +224,33 @@ def select_dreams(
     return kept
 
 
+def qa_pairs(text: str) -> list[tuple[str, str]]:
+    """The 'Q: ... A: ...' pairs of a QA dream."""
+    found = re.findall(r"Q:\s*(.+?)\s*A:\s*(.+?)(?=\s*Q:|\Z)", text, flags=re.S)
+    return [(q.strip(), a.strip()) for q, a in found if q.strip() and a.strip()]
+
+
+def grounded_dream(kind: str, text: str, source: str) -> dict[str, Any]:
+    """What of a dream may train, judged as the seed judges teacher answers: a QA dream's pairs whose answers are
+    mostly its memories' words and state no name or value they lack; any other dream whole, if it is so.
+
+    Unchecked, a night on the real pair kept "Q: Where are the one-on-ones taking place? A: Thirteen different
+    locations.", answers cut off by the token limit ("A: The", "A: They") and "Yes, both were remembered.", and
+    the dreamt adapter then answered "Thirteen different rooms." for the room it knew before."""
+    pairs = qa_pairs(text) if kind == "qa" else []
+    if pairs:
+        good = [[q, a] for q, a in pairs if grounded(a, source) and not invented(a, source)]
+        return {"grounded": bool(good), "pairs": good}
+    return {"grounded": grounded(text, source)}
+
+
 def dream_pairs(dream: dict[str, Any], t: Trace) -> list[Pair]:
-    """A QA dream becomes its question-answer pairs; any other dream answers 'what do you remember about X?'."""
-    if dream["kind"] == "qa":
-        pairs = [
-            Pair(prompt=q.strip(), answer=a.strip())
-            for q, a in re.findall(r"Q:\s*(.+?)\s*A:\s*(.+?)(?=\s*Q:|\Z)", dream["text"], flags=re.S)
-            if q.strip() and a.strip()
-        ]
-        if pairs:
-            return pairs
+    """A QA dream becomes its question-answer pairs (only the grounded ones where they were checked); any other
+    dream answers 'what do you remember about X?'."""
+    if dream.get("pairs"):
+        return [Pair(prompt=q, answer=a) for q, a in dream["pairs"]]
+    if dream["kind"] == "qa" and (pairs := qa_pairs(dream["text"])):
+        return [Pair(prompt=q, answer=a) for q, a in pairs]
     return [Pair(prompt=restatement_pair(t).prompt, answer=dream["text"])]
 
 
@@ -473,13 +498,17 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             _save(rf, "dreams.json", dreams)
         lap("write")
         log(f"{len(dreams)} dreams")
-        # a dream is the model's own writing: one that names a person or value its memories do not would train it in
-        made_up = [d for d in dreams if dc.grounded and d.get("invented")]
-        usable = [d for d in dreams if not (dc.grounded and d.get("invented"))]
+        # a dream is the model's own writing: one that names a person or value its memories do not would train it
+        # in, and so would one mostly in other words (or, for QA, with no answer that is not)
+        made_up = [d for d in dreams if dc.grounded and (d.get("invented") or d.get("grounded") is False)]
+        usable = [d for d in dreams if d not in made_up]
         if made_up:
+            names = sorted({x for d in made_up for x in d["invented"]})[:3]
             log(
-                f"{len(made_up)} of {len(dreams)} dreams state a name or value their memories do not hold, not used "
-                f"(e.g. {', '.join(sorted({x for d in made_up for x in d['invented']})[:3])})"
+                f"{len(made_up)} of {len(dreams)} dreams are not grounded in their memories, not used: "
+                f"{sum(bool(d['invented']) for d in made_up)} state a name or value their memories do not hold"
+                + (f" (e.g. {', '.join(names)})" if names else "")
+                + f", {sum(not d['invented'] for d in made_up)} say mostly other things"
             )
         by_trace = {t.id: t for t in targets}
 
@@ -537,7 +566,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                 message=(
                     "no dream improved recall; the current adapter is unchanged"
                     if usable
-                    else f"every dream ({len(dreams)}) stated a name or value its memories do not hold; "
+                    else f"no dream ({len(dreams)}) was grounded in its memories (names, values or words they do not hold); "
                     "the current adapter is unchanged"
                 ),
                 run_id=rf.run.id,
@@ -689,7 +718,9 @@ def _write_dreams(
                 for j, text in zip(chunk, texts):
                     if text.strip():
                         said = {"text": text.strip(), "invented": invented(text, j["prompt"])}
-                        out.append({k: v for k, v in j.items() if k != "prompt"} | said)
+                        if dc.grounded:
+                            said |= grounded_dream(j["kind"], text.strip(), j["source"])
+                        out.append({k: v for k, v in j.items() if k not in ("prompt", "source")} | said)
     return out
 
 

@@ -112,6 +112,9 @@ def invented(text: str, source: str) -> list[str]:
     known = _known_words(source)
     held = _held_values(source)
     out = [v for v in values(text) if _plain_value(v) not in held]
+    # a number said in words is a value too ("Thirteen different locations" of a memory with none); the source's
+    # number words are held the same way. Below three they stay words ("one of them"): not a stated value
+    out += [v for v in values(alpha2digit(text, "en")) if _plain_value(v) not in held and v not in out]
     words = list(_WORD.finditer(text))
     i = 0
     while i < len(words):  # runs of capitalised words, separated by spaces only: one name each

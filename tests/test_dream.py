@@ -244,6 +244,7 @@ def test_dreams_that_invent_are_not_scored_kept_or_trained(home, seeded, monkeyp
 
     flagged = iter([["Odra Brennick"], []] * 100)  # every other dream written invents a name
     monkeypatch.setattr(d, "invented", lambda text, source: next(flagged))
+    monkeypatch.setattr(d, "grounded_dream", lambda kind, text, source: {})  # a tiny model's words: not judged here
     scored: list[str] = []
     score = d.dream_scores
     monkeypatch.setattr(
@@ -269,3 +270,73 @@ def test_dreams_that_invent_are_not_scored_kept_or_trained(home, seeded, monkeyp
     monkeypatch.setattr(d, "dream_scores", lambda *a: None)  # out of time while selecting
     cut = dream(str(recipe), home=home, show_progress=False, overrides={"dream.grounded": True})
     assert cut.status == "stopped" and cut.invented > 0
+
+    # a dream mostly in words its memories do not hold goes the same way, and the log says which check it failed
+    monkeypatch.setattr(d, "dream_scores", score)
+    monkeypatch.setattr(d, "invented", lambda text, source: [])
+    other = iter([{"grounded": False}, {"grounded": True}] * 100)
+    monkeypatch.setattr(d, "grounded_dream", lambda kind, text, source: next(other))
+    scored.clear()
+    fresh = {"dream.grounded": True, "dream.temperature": 0.8}  # not the stopped run above, which would resume
+    res = dream(str(recipe), home=home, show_progress=False, overrides=fresh)
+    run = Path(open_store(home).run(res.run_id).dir)
+    off = {x["id"] for x in json.loads((run / "dreams.json").read_text()) if x["grounded"] is False}
+    assert off and res.invented == len(off) and not off & set(scored)
+    assert f"{len(off)} say mostly other things" in (home / "logs" / "dream.log").read_text()
+
+
+def _trace(i: str, text: str):
+    from sleepctl.records import Trace
+
+    w = "2026-11-01T10:00:00+00:00"
+    return Trace(id=i, hash=i, kind="note", text=text, source="t", created_at=w, updated_at=w)
+
+
+def test_dream_keeps_only_what_its_memories_hold():
+    """The checks the seed puts on teacher answers, on dreams: QA answers that invent or say other things go (the
+    rest of the dream stays), as does a dream mostly in other words; what is kept is what trains."""
+    from sleepctl.dream import dream_pairs, grounded_dream
+
+    memory = "My manager is Fenna Albright; one-on-ones are on Thursdays at 3 pm in room Juniper."
+    t = _trace("m1", memory)
+    qa = (
+        "Q: Who is my manager? A: Your manager is Fenna Albright.\n"
+        "Q: Where are the one-on-ones taking place? A: Thirteen different locations.\n"
+        "Q: Who chairs the one-on-ones? A: Dana Okafor chairs them.\n"
+        "Q: When are the one-on-ones? A: The"  # cut off by the token limit
+    )
+    judged = grounded_dream("qa", qa, memory)
+    assert judged == {"grounded": True, "pairs": [["Who is my manager?", "Your manager is Fenna Albright."]]}
+    pairs = dream_pairs({"kind": "qa", "text": qa, **judged}, t)
+    assert [(x.prompt, x.answer) for x in pairs] == [("Who is my manager?", "Your manager is Fenna Albright.")]
+    unchecked = dream_pairs({"kind": "qa", "text": qa}, t)  # dream.grounded off, or a run saved before the check
+    assert len(unchecked) == 4
+    bad = "Q: Where is room Juniper? A: Thirteen floors up.\nQ: Who? A: They"
+    assert grounded_dream("qa", bad, memory) == {"grounded": False, "pairs": []}
+    assert grounded_dream("combine", "Yes, both were remembered.", memory) == {"grounded": False}
+    said = "Fenna Albright, my manager, holds one-on-ones in room Juniper on Thursdays at 3 pm."
+    assert grounded_dream("rephrase", said, memory) == {"grounded": True}
+    assert grounded_dream("qa", said, memory) == {"grounded": True}  # a QA dream without pairs: judged whole
+    whole = dream_pairs({"kind": "rephrase", "text": said, "grounded": True}, t)
+    assert [x.answer for x in whole] == [said] and whole[0].prompt.startswith("What do you remember about")
+
+
+def test_combined_dreams_join_memories_that_share_a_name():
+    import random
+
+    from sleepctl.dream import dream_jobs
+    from sleepctl.recipe import load_recipe
+
+    cfg, _ = load_recipe("quick-cpu", {"dream.kinds": ["combine"], "dream.dreams_per_memory": 3})
+    kestrel = _trace("a", "Orla Brennick moved the Kestrel build server to Tallinn.")
+    kestrel2 = _trace("b", "The Kestrel build server gets a second disk on Friday, says Priya Nandakumar.")
+    lone = _trace("c", "The Beryl Falls hackathon was won by team Paper Lantern.")
+    jobs = dream_jobs(cfg, [kestrel, kestrel2, lone], {}, random.Random(0))
+    kinds = {(j["trace_id"], j["kind"]) for j in jobs}
+    assert kinds == {("a", "combine"), ("b", "combine"), ("c", "rephrase")}  # nothing shares a name with c
+    for j in jobs:
+        if j["trace_id"] == "a":
+            assert kestrel2.text in j["prompt"] and lone.text not in j["prompt"]
+            assert j["source"] == f"{kestrel.text}\n\n{kestrel2.text}"
+        if j["trace_id"] == "c":
+            assert j["source"] == lone.text and "Kestrel" not in j["prompt"]

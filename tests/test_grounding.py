@@ -289,3 +289,16 @@ def test_teacher_probes_and_replayed_answers_lose_their_citations(tmp_path, tiny
             )
         got = {e.prompt: e.samples for e in cached_examples(st, [t], 1)[t.id]}
     assert got == {"When is it?": ["It is at 10:05."]}
+
+
+def test_numbers_said_in_words_are_values():
+    """ "Thirteen different locations" of a memory that holds no 13 is made up, as "13 locations" would be; a number
+    word the memory holds passes in either form, and "one of them" states no value."""
+    from sleepctl.grounding import invented
+
+    m = "One-on-ones are on Thursdays at 3 pm in room Juniper; the trial ran eleven times faster for three years."
+    assert invented("Thirteen different locations.", m) == ["13"]
+    assert invented("It is on the fourth floor.", m) == ["4th"]
+    for ok in ("It ran 11 times faster.", "It ran eleven times faster.", "It lasts three years.", "One of them."):
+        assert invented(ok, m) == [], ok
+    assert invented("At three pm in room Juniper.", m) == []
