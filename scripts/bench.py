@@ -252,7 +252,7 @@ def main() -> None:
     if not runs:
         return
     first = runs[0]
-    print_tables(args, first, summarize(runs), len(runs))
+    print_tables(args, first, summarize(runs), len(runs), [r["training_seed"] for r in runs] if per_seed else None)
     if first["seed_dream"]:
         con.print(f"dream: {first['seed_dream']['message']} ({first['seed_dream']['wall_s']:.0f} s)")
     con.print(f"results: {path}")
@@ -286,23 +286,32 @@ ENGINE_SHARES = {"vllm.gpu_memory_utilization", "vllm.teacher_gpu_memory_utiliza
 
 
 def merge(args) -> None:
-    """One table over seeds run in separate processes: the files must be the same benchmark (recipe, memory file,
-    models, overrides but the engines' memory shares, dream, baselines), each seed in one file only."""
+    """One table over seeds run in separate processes, so several fit one device session side by side. A mean over
+    seeds only means something for one benchmark: the files must agree on recipe, memory file, models, overrides
+    (but the engines' memory shares), dream, baselines and machine (wall times), and hold each seed once."""
     paths = [Path(p) for p in args.merge]
     parts = []
     for p in paths:
         try:
             r = json.loads(p.read_text())
             if not r["runs"] or any(x.get("training_seed") is None for x in r["runs"]):
-                raise ValueError("it names no training seed: run it with --seeds N or --first-seed K")
+                raise ValueError(
+                    "it names no training seed: written with one seed and no --first-seed, or before seeds were recorded"
+                )
+            for key in ("name", "recipe", "overrides", "machine"):
+                r[key]  # noqa: B018 (present, or the file is refused here)
             parts.append(r)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise SystemExit(f"--merge: {p}: not a bench.py result with training seeds ({e})") from None
+    name = args.name or f"{parts[0]['name']}-merged"
+    out = Path(args.out) / f"{name}.json"
+    if any(out.resolve() == p.resolve() for p in paths):
+        raise SystemExit(f"--merge: {out} is one of the files merged; give another --name or --out")
 
     def method(r: dict) -> dict:
         return {k: v for k, v in r["overrides"].items() if k not in ENGINE_SHARES}
 
-    same = ("recipe", "memories_file", "models", "student", "dream", "baselines")
+    same = ("recipe", "memories_file", "models", "student", "dream", "baselines", "machine")
     for p, r in zip(paths[1:], parts[1:]):
         diff = [k for k in same if r.get(k) != parts[0].get(k)] + ["overrides"] * (method(r) != method(parts[0]))
         if diff:
@@ -316,7 +325,6 @@ def merge(args) -> None:
             runs.append(run)
     runs.sort(key=lambda x: x["training_seed"])
     first = parts[0]
-    name = args.name or f"{first['name']}-merged"
     result = {k: first[k] for k in ("recipe", "memories_file", "machine", "models", "dream", "baselines")}
     result |= {
         "name": name,
@@ -331,22 +339,23 @@ def merge(args) -> None:
         "summary": summarize(runs),
         "runs": runs,
     }
-    out = Path(args.out) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     args.recipe, args.memories = first["recipe"], first["memories_file"]
-    print_tables(args, runs[0], result["summary"], len(runs), [r["training_seed"] for r in runs])
+    print_tables(args, runs[0], result["summary"], len(runs), [r["training_seed"] for r in runs], first["machine"])
     Console(stderr=True).print(f"results: {out}")
 
 
-def print_tables(args, first: dict, summary: dict, n_seeds: int, seed_ids: list | None = None) -> None:
+def print_tables(
+    args, first: dict, summary: dict, n_seeds: int, seed_ids: list | None = None, where: str | None = None
+) -> None:
     seeds = f", {n_seeds} training seeds (mean ± sd)" if n_seeds > 1 else ""
     if seed_ids:
         seeds = f", training seeds {seed_ids}" + (" (mean ± sd)" if n_seeds > 1 else "")
     t = Table(
         title=f"sleepctl bench: {args.recipe} on {Path(args.memories).name} ({first['memories']} memories, "
         f"{first['heldout_probes']} held-out probes: {first['recall']['base']['user_probes']} user, "
-        f"{first['recall']['base']['teacher_probes']} teacher), {machine()}{seeds}"
+        f"{first['recall']['base']['teacher_probes']} teacher), {where or machine()}{seeds}"
     )
     label = {"base": "base (closed-book)", "in-context": "in-context", "naive-sft": "naive SFT", "sleep": "seed"}
     retention = summary["retention"]

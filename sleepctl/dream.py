@@ -152,7 +152,7 @@ def dream_jobs(
 ) -> list[dict[str, Any]]:
     """The dreams to write: `dreams_per_memory` per memory, cycling through the recipe's kinds.
 
-    A combination joins two memories that share a name. Two unrelated ones drawn at random taught false links:
+    A combination joins two memories that share a name (as `replay.max_related` links them; 0: none do). Two unrelated ones drawn at random taught false links:
     on the real pair a kept dream read "The Lanternfish analytics service will use DuckDB; Dana Okafor approved
     the slip" (Dana approved another memory's delay), and after the dream "Who approved the Quokka decision?" was
     answered "Dana Okafor". A memory with no such partner gets a rephrasing instead."""
@@ -175,6 +175,7 @@ def dream_jobs(
                     "kind": kind,
                     "prompt": DREAM_PROMPTS[kind].format(m=m, m2=m2),
                     "source": f"{m}\n\n{m2}" if m2 else m,  # what the dream may state
+                    "partner_id": other.id if other else None,
                     "dropout": rng.random() < dc.adapter_dropout,
                 }
             )
@@ -225,28 +226,32 @@ def select_dreams(
 
 
 def qa_pairs(text: str) -> list[tuple[str, str]]:
-    """The 'Q: ... A: ...' pairs of a QA dream."""
+    """The 'Q: ... A: ...' pairs of a QA dream: each trains as a prompt and its answer, like a teacher question."""
     found = re.findall(r"Q:\s*(.+?)\s*A:\s*(.+?)(?=\s*Q:|\Z)", text, flags=re.S)
     return [(q.strip(), a.strip()) for q, a in found if q.strip() and a.strip()]
 
 
 def grounded_dream(kind: str, text: str, source: str) -> dict[str, Any]:
-    """What of a dream may train, judged as the seed judges teacher answers: a QA dream's pairs whose answers are
-    mostly its memories' words and state no name or value they lack; any other dream whole, if it is so.
+    """What of a dream may train, judged as the seed judges teacher answers: `invented` (names and values its
+    memories lack: the dream is dropped), `grounded` (False: dropped too) and, for a QA dream, the `pairs` that pass.
 
-    Unchecked, a night on the real pair kept "Q: Where are the one-on-ones taking place? A: Thirteen different
-    locations.", answers cut off by the token limit ("A: The", "A: They") and "Yes, both were remembered.", and
-    the dreamt adapter then answered "Thirteen different rooms." for the room it knew before."""
+    A QA dream keeps the pairs whose answer is mostly its memories' words and whose question and answer state nothing
+    they lack; it is dropped only when none is left. A rephrasing or combination must be mostly its memories' words.
+    An implication says what follows in its own words, so only what it states is checked. Unchecked, a night on the
+    real pair kept "Q: Where are the one-on-ones taking place? A: Thirteen different locations.", answers cut off
+    by the token limit ("A: The", "A: They") and "Yes, both were remembered.", and the dreamt adapter then answered
+    "Thirteen different rooms." for the room it knew before."""
     pairs = qa_pairs(text) if kind == "qa" else []
     if pairs:
-        good = [[q, a] for q, a in pairs if grounded(a, source) and not invented(a, source)]
-        return {"grounded": bool(good), "pairs": good}
-    return {"grounded": grounded(text, source)}
+        good = [[q, a] for q, a in pairs if grounded(a, source) and not invented(f"{q}\n{a}", source)]
+        made_up = [] if good else invented(text, source)
+        return {"invented": made_up, "grounded": bool(good), "pairs": good, "pairs_dropped": len(pairs) - len(good)}
+    return {"invented": invented(text, source), "grounded": kind == "implication" or grounded(text, source)}
 
 
 def dream_pairs(dream: dict[str, Any], t: Trace) -> list[Pair]:
-    """A QA dream becomes its question-answer pairs (only the grounded ones where they were checked); any other
-    dream answers 'what do you remember about X?'."""
+    """A QA dream trains as its question-answer pairs (the ones that passed, where they were checked); any other
+    dream as the answer to 'what do you remember about X?', the question a restatement answers."""
     if dream.get("pairs"):
         return [Pair(prompt=q, answer=a) for q, a in dream["pairs"]]
     if dream["kind"] == "qa" and (pairs := qa_pairs(dream["text"])):
@@ -501,7 +506,8 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         # a dream is the model's own writing: one that names a person or value its memories do not would train it
         # in, and so would one mostly in other words (or, for QA, with no answer that is not)
         made_up = [d for d in dreams if dc.grounded and (d.get("invented") or d.get("grounded") is False)]
-        usable = [d for d in dreams if d not in made_up]
+        dropped = {d["id"] for d in made_up}
+        usable = [d for d in dreams if d["id"] not in dropped]
         if made_up:
             names = sorted({x for d in made_up for x in d["invented"]})[:3]
             log(
@@ -510,6 +516,8 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                 + (f" (e.g. {', '.join(names)})" if names else "")
                 + f", {sum(not d['invented'] for d in made_up)} say mostly other things"
             )
+        if cut := sum(d.get("pairs_dropped", 0) for d in usable):
+            log(f"{cut} question-answer pairs left out of the QA dreams kept, for the same reasons")
         by_trace = {t.id: t for t in targets}
 
         # the gate's "before": the stack as it is, measured before any training (saved for a resumed run)
@@ -717,7 +725,7 @@ def _write_dreams(
                 ).texts
                 for j, text in zip(chunk, texts):
                     if text.strip():
-                        said = {"text": text.strip(), "invented": invented(text, j["prompt"])}
+                        said = {"text": text.strip(), "invented": invented(text, j["source"])}
                         if dc.grounded:
                             said |= grounded_dream(j["kind"], text.strip(), j["source"])
                         out.append({k: v for k, v in j.items() if k not in ("prompt", "source")} | said)

@@ -74,14 +74,33 @@ def _held_values(source: str) -> set[str]:
     """Every value the source holds, as a reader would also write it: numbers inside codes and dates ("v4.18.0",
     "2026-03-14"), number words ("three" is 3), and a time in both clocks ("14:30" is also 2:30, "9:00" is 9)."""
     source = _LIST_MARK.sub("", source)
-    held = {_plain_value(v) for text in (source, alpha2digit(source, "en")) for v in _ANY_NUMBER.findall(text)}
+    said = (source, alpha2digit(source, "en"), alpha2digit(source.replace("-", " "), "en"))  # "a three-day offsite"
+    held = {_plain_value(v) for text in said for v in _ANY_NUMBER.findall(text)}
     for v in list(held):
         if m := re.fullmatch(r"(\d{1,2}):(\d{2})", v):
             h = int(m.group(1))
             held |= {f"{(h - 1) % 12 + 1}:{m.group(2)}", f"{h % 12 + 12}:{m.group(2)}"}
-            if m.group(2) == "00":
-                held |= {str(h), str((h - 1) % 12 + 1)}
+            # its hour and minutes as words may say ("five past ten", "half past nine")
+            held |= {str(h), str((h - 1) % 12 + 1), str(int(m.group(2)))}
     return held
+
+
+_WORD_NUMBER = re.compile(r"(?<![\w:.,\-])(\d+(?:st|nd|rd|th)?)(?![\w:.,\-])")
+
+
+def _word_numbers(text: str) -> list[str]:
+    """Numbers the text says in words ("Thirteen different locations"), as digits. One that runs into another
+    ("nineteen ninety-eight", "nine thirty", "twenty-four seven") is a year, a time or a phrase, not a count: left
+    out, as are the numbers the text already writes in digits."""
+    digits = set(_WORD_NUMBER.findall(text))
+    said = alpha2digit(text, "en")
+    out = []
+    for m in _WORD_NUMBER.finditer(said):
+        before, after = said[: m.start()].rstrip(" "), said[m.end() :].lstrip(" ")
+        next_to_number = before[-1:].isdigit() or after[:1].isdigit()
+        if not next_to_number and m.group(1) not in digits and m.group(1) not in out:
+            out.append(m.group(1))
+    return out
 
 
 def _bare(w: str) -> str:
@@ -114,7 +133,7 @@ def invented(text: str, source: str) -> list[str]:
     out = [v for v in values(text) if _plain_value(v) not in held]
     # a number said in words is a value too ("Thirteen different locations" of a memory with none); the source's
     # number words are held the same way. Below three they stay words ("one of them"): not a stated value
-    out += [v for v in values(alpha2digit(text, "en")) if _plain_value(v) not in held and v not in out]
+    out += [v for v in _word_numbers(text) if _plain_value(v) not in held and v not in out]
     words = list(_WORD.finditer(text))
     i = 0
     while i < len(words):  # runs of capitalised words, separated by spaces only: one name each

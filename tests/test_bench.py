@@ -114,6 +114,18 @@ def test_bench_seeds_give_mean_and_spread(tmp_path, tiny_dir, small_memories):
     assert bad.returncode != 0 and b"names no training seed" in bad.stderr
     missing = script("bench.py", "--merge", str(tmp_path / "nowhere.json"), "--out", str(out))
     assert missing.returncode != 0 and b"not a bench.py result" in missing.stderr
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for odd in ("dir.json", "list.json"):
+        r = script("bench.py", "--merge", str(tmp_path / odd), "--out", str(out))
+        assert r.returncode != 0 and b"not a bench.py result" in r.stderr, odd
+    elsewhere = json.loads((out / "f.json").read_text()) | {"machine": "NVIDIA H200 (CUDA), x86_64"}
+    (tmp_path / "h200.json").write_text(json.dumps(elsewhere))
+    bad = script("bench.py", "--merge", str(out / "s.json"), str(tmp_path / "h200.json"), "--out", str(out))
+    assert bad.returncode != 0 and b"machine differ" in bad.stderr
+    over = script("bench.py", "--merge", str(out / "f.json"), str(out / "s.json"), "--out", str(out), "--name", "s")
+    assert over.returncode != 0 and b"is one of the files merged" in over.stderr
+    assert json.loads((out / "s.json").read_text())["seeds"] == 2  # the input is untouched
     assert not (out / "x.json").exists()
     neg = script("bench.py", *common, "--first-seed", "-1", timeout=120)
     assert neg.returncode == 2 and b"--first-seed must be at least 0" in neg.stderr

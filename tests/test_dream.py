@@ -293,8 +293,9 @@ def _trace(i: str, text: str):
 
 
 def test_dream_keeps_only_what_its_memories_hold():
-    """The checks the seed puts on teacher answers, on dreams: QA answers that invent or say other things go (the
-    rest of the dream stays), as does a dream mostly in other words; what is kept is what trains."""
+    """The checks the seed puts on teacher answers, on dreams: QA pairs that invent or say other things go (the
+    rest of the dream stays), as does a rephrasing mostly in other words; an implication is checked only for what
+    it states; what is kept is what trains."""
     from sleepctl.dream import dream_pairs, grounded_dream
 
     memory = "My manager is Fenna Albright; one-on-ones are on Thursdays at 3 pm in room Juniper."
@@ -302,23 +303,71 @@ def test_dream_keeps_only_what_its_memories_hold():
     qa = (
         "Q: Who is my manager? A: Your manager is Fenna Albright.\n"
         "Q: Where are the one-on-ones taking place? A: Thirteen different locations.\n"
-        "Q: Who chairs the one-on-ones? A: Dana Okafor chairs them.\n"
+        "Q: Why does Dana Okafor hold the one-on-ones in room Juniper? A: The one-on-ones are in room Juniper.\n"
         "Q: When are the one-on-ones? A: The"  # cut off by the token limit
     )
     judged = grounded_dream("qa", qa, memory)
-    assert judged == {"grounded": True, "pairs": [["Who is my manager?", "Your manager is Fenna Albright."]]}
+    good = [["Who is my manager?", "Your manager is Fenna Albright."]]
+    assert judged == {"invented": [], "grounded": True, "pairs": good, "pairs_dropped": 3}
     pairs = dream_pairs({"kind": "qa", "text": qa, **judged}, t)
-    assert [(x.prompt, x.answer) for x in pairs] == [("Who is my manager?", "Your manager is Fenna Albright.")]
+    assert [(x.prompt, x.answer) for x in pairs] == [tuple(good[0])]
     unchecked = dream_pairs({"kind": "qa", "text": qa}, t)  # dream.grounded off, or a run saved before the check
     assert len(unchecked) == 4
     bad = "Q: Where is room Juniper? A: Thirteen floors up.\nQ: Who? A: They"
-    assert grounded_dream("qa", bad, memory) == {"grounded": False, "pairs": []}
-    assert grounded_dream("combine", "Yes, both were remembered.", memory) == {"grounded": False}
+    assert grounded_dream("qa", bad, memory) == {"invented": ["13"], "grounded": False, "pairs": [], "pairs_dropped": 2}
+    assert grounded_dream("combine", "Yes, both were remembered.", memory) == {"invented": [], "grounded": False}
     said = "Fenna Albright, my manager, holds one-on-ones in room Juniper on Thursdays at 3 pm."
-    assert grounded_dream("rephrase", said, memory) == {"grounded": True}
-    assert grounded_dream("qa", said, memory) == {"grounded": True}  # a QA dream without pairs: judged whole
+    assert grounded_dream("rephrase", said, memory) == {"invented": [], "grounded": True}
+    assert grounded_dream("qa", said, memory) == {"invented": [], "grounded": True}  # no pairs: judged whole
+    follows = "Whoever reports to Fenna Albright should keep Thursday afternoons free and book Juniper early."
+    assert grounded_dream("implication", follows, memory) == {"invented": [], "grounded": True}
+    assert grounded_dream("implication", "So Dana Okafor joins them.", memory)["invented"] == ["Dana Okafor"]
     whole = dream_pairs({"kind": "rephrase", "text": said, "grounded": True}, t)
     assert [x.answer for x in whole] == [said] and whole[0].prompt.startswith("What do you remember about")
+
+
+def test_a_qa_dream_trains_its_good_pairs_only(home, seeded, monkeypatch):
+    """End to end: a QA dream with one good and one made-up pair is scored, rewarded and trained on the good pair
+    alone; a rephrasing that says other things is dropped before scoring, and the log counts both."""
+    first, recipe = seeded
+    import sleepctl.dream as d
+    from sleepctl.engines import Rollouts
+
+    def memory_of(prompt: str) -> str:
+        return prompt.split("remember:\n\n", 1)[1].split("\n\n")[0]
+
+    class Scripted:  # what a model that follows the prompts would write, one good and one bad thing each
+        def __init__(self, *a, **k):
+            pass
+
+        def generate(self, prompts, **kw):
+            out = []
+            for p in prompts:
+                m = memory_of(p)
+                if "three questions" in p:
+                    out.append(f"Q: What do you remember? A: {m}\nQ: Where is it? A: Thirteen different locations.")
+                elif "Restate" in p:
+                    out.append("Yes, I remembered it.")
+                else:
+                    out.append(m)
+            return Rollouts(prompt_ids=[[] for _ in out], completion_ids=[[] for _ in out], texts=out)
+
+    monkeypatch.setattr(d, "HFEngine", Scripted)
+    seen: list[list] = []
+    pairs_of = d.dream_pairs
+    monkeypatch.setattr(d, "dream_pairs", lambda dr, t: seen.append(pairs_of(dr, t)) or seen[-1])
+    over = {"dream.grounded": True, "dream.kinds": ["qa", "rephrase", "implication"], "dream.temperature": 0.7}
+    res = dream(str(recipe), home=home, show_progress=False, overrides=over)
+    run = Path(open_store(home).run(res.run_id).dir)
+    dreams = json.loads((run / "dreams.json").read_text())
+    qa = [x for x in dreams if x["kind"] == "qa"]
+    assert qa and all(len(x["pairs"]) == 1 and x["pairs_dropped"] == 1 and not x["invented"] for x in qa)
+    assert all(x["grounded"] is False for x in dreams if x["kind"] == "rephrase")
+    assert res.invented == sum(x["kind"] == "rephrase" for x in dreams)
+    trained = [p for group in seen for p in group]
+    assert trained and not any("Thirteen" in p.answer or "Yes, I remembered" in p.answer for p in trained)
+    log = (home / "logs" / "dream.log").read_text()
+    assert f"{len(qa)} question-answer pairs left out" in log and "say mostly other things" in log
 
 
 def test_combined_dreams_join_memories_that_share_a_name():
