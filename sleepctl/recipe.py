@@ -244,6 +244,11 @@ class Dream(Strict):
     )
     inner_lr: float = Field(1e-3, gt=0.0, le=1.0)
     reward_margin: float = Field(0.0, ge=0.0, description="probe NLL drop (nats/token) a dream must bring")
+    ppl_tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        description="relative general-perplexity rise the gate accepts; a dream that drifts more is not made current",
+    )
     grounded: bool = Field(
         True, description="drop a dream that states a name or value its memories do not hold before it is scored"
     )

@@ -146,6 +146,30 @@ def test_regression_is_kept_but_not_current(home, seeded, monkeypatch):
         assert st.adapter(res.adapter_id).kind == "dream"  # kept, available to `adapters use`
 
 
+def test_a_dream_that_drifts_is_not_made_current(home, seeded, monkeypatch):
+    """Recall held, general perplexity up past `dream.ppl_tolerance`: kept, not current, and the message says why."""
+    first, recipe = seeded
+    import sleepctl.dream as d
+
+    monkeypatch.setattr(d, "_recall", lambda *a, **k: 0.5)  # recall and retention the same before and after
+    ppl = iter([20.0, 30.0])
+    monkeypatch.setattr(d, "perplexity", lambda *a, **k: next(ppl))
+    res = dream(str(recipe), home=home, show_progress=False)
+    assert res.status == "not-current" and "general perplexity 20.00 -> 30.00" in res.message
+    assert res.before["ppl"] == 20.0 and res.after["ppl"] == 30.0
+    with open_store(home) as st:
+        assert st.current_adapter_id() == first.adapter_id
+
+    from sleepctl.dream import gate_worse
+
+    assert gate_worse({"recall": 0.5, "ppl": 20.0}, {"recall": 0.5, "ppl": 20.9}, 0.05) == []  # inside tolerance
+    assert gate_worse({"recall": 0.5, "ppl": 20.0}, {"recall": 0.5, "ppl": 21.1}, 0.05) == [
+        "general perplexity 20.00 -> 21.10"
+    ]
+    # a gate saved before perplexity was part of it (a resumed run): recall alone decides
+    assert gate_worse({"recall": 0.5, "retention": None}, {"recall": 0.6, "retention": None, "ppl": 99.0}, 0.05) == []
+
+
 def test_bad_dream_flags(home, seeded):
     _, recipe = seeded
     r = cli("dream", "--recipe", str(recipe), "--home", str(home), "--max-minutes", "-1")
