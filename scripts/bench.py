@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_merge import ENGINE_SHARES, method, refuse_other_benchmarks
 from rich.console import Console
 from rich.table import Table
 
@@ -280,11 +281,6 @@ def write_result(path: Path, args, name: str, runs: list[dict]) -> Path:
     return path
 
 
-# how much of a GPU each vLLM engine may take: a process sharing a card with another needs less, and nothing it
-# trains or measures changes with it; runs that differ only in these merge (as in bench_nights.py)
-ENGINE_SHARES = {"vllm.gpu_memory_utilization", "vllm.teacher_gpu_memory_utilization"}
-
-
 def merge(args) -> None:
     """One table over seeds run in separate processes, so several fit one device session side by side. A mean over
     seeds only means something for one benchmark: the files must agree on recipe, memory file, models, overrides
@@ -308,14 +304,9 @@ def merge(args) -> None:
     if any(out.resolve() == p.resolve() for p in paths):
         raise SystemExit(f"--merge: {out} is one of the files merged; give another --name or --out")
 
-    def method(r: dict) -> dict:
-        return {k: v for k, v in r["overrides"].items() if k not in ENGINE_SHARES}
-
-    same = ("recipe", "memories_file", "models", "student", "dream", "baselines", "machine")
-    for p, r in zip(paths[1:], parts[1:]):
-        diff = [k for k in same if r.get(k) != parts[0].get(k)] + ["overrides"] * (method(r) != method(parts[0]))
-        if diff:
-            raise SystemExit(f"--merge: {p} is another benchmark than {paths[0]}: {', '.join(diff)} differ")
+    refuse_other_benchmarks(
+        paths, parts, ("recipe", "memories_file", "models", "student", "dream", "baselines", "machine")
+    )
     runs, seen = [], set()
     for p, r in zip(paths, parts):
         for run in r["runs"]:

@@ -45,6 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_merge import ENGINE_SHARES, method, refuse_other_benchmarks
 from rich.console import Console
 from rich.table import Table
 
@@ -440,11 +441,6 @@ def load_results(path: Path) -> dict:
     return result
 
 
-# how much of a GPU each vLLM engine may take: a process sharing a card with another needs less, and nothing it
-# trains or measures changes with it; runs that differ only in these merge (each run's shares are kept)
-ENGINE_SHARES = {"vllm.gpu_memory_utilization", "vllm.teacher_gpu_memory_utilization"}
-
-
 def merge(args) -> None:
     """One table over runs made in separate processes: they must be the same benchmark (recipe, overrides
     but the engines' memory shares, nights, dream) and no configuration and seed may appear twice."""
@@ -456,14 +452,7 @@ def merge(args) -> None:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"--merge: {p}: not a bench_nights results.json ({e})") from None
 
-    def method(r: dict) -> dict:
-        return {k: v for k, v in r["overrides"].items() if k not in ENGINE_SHARES}
-
-    same = ("recipe", "nights", "memories_per_night", "dream")
-    for p, r in zip(paths[1:], parts[1:]):
-        diff = [k for k in same if r.get(k) != parts[0].get(k)] + ["overrides"] * (method(r) != method(parts[0]))
-        if diff:
-            raise SystemExit(f"--merge: {p} is another benchmark than {paths[0]}: {', '.join(diff)} differ")
+    refuse_other_benchmarks(paths, parts, ("recipe", "nights", "memories_per_night", "dream"))
     runs, seen = [], set()
     for p, r in zip(paths, parts):
         for run in r["runs"]:

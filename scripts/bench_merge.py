@@ -1,0 +1,24 @@
+"""What the benchmark scripts' --merge shares: runs made in separate processes join one table only when they are
+the same benchmark. Imported by bench.py and bench_nights.py (scripts/ is on the path of a script run from it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# how much of a GPU each vLLM engine may take: a process sharing a card with another needs less, and nothing it
+# trains or measures changes with it; runs that differ only in these merge (each run's shares are kept)
+ENGINE_SHARES = {"vllm.gpu_memory_utilization", "vllm.teacher_gpu_memory_utilization"}
+
+
+def method(result: dict) -> dict:
+    """A result's overrides without the engines' memory shares: what it trained and measured with."""
+    return {k: v for k, v in result["overrides"].items() if k not in ENGINE_SHARES}
+
+
+def refuse_other_benchmarks(paths: list[Path], parts: list[dict], same: tuple[str, ...]) -> None:
+    """Exit with the keys that differ when a file is another benchmark than the first (a mean over seeds of two
+    benchmarks measures neither)."""
+    for p, r in zip(paths[1:], parts[1:]):
+        diff = [k for k in same if r.get(k) != parts[0].get(k)] + ["overrides"] * (method(r) != method(parts[0]))
+        if diff:
+            raise SystemExit(f"--merge: {p} is another benchmark than {paths[0]}: {', '.join(diff)} differ")
