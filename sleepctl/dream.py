@@ -15,7 +15,8 @@ of older ones:
 4. ReST-EM: train the adapter on the rewarded dreams mixed with replay of older memories, through the one
    training loop. The student is both the dreams' generator and the consolidation target;
 5. publish: the refined adapter replaces the newest one in the stack (same rank: serving cost does not
-   grow) and becomes current only when held-out recall and retention did not get worse.
+   grow) and becomes current only when held-out recall and retention did not get worse and general
+   perplexity rose by no more than `ppl_tolerance`.
 Reward probes are the teacher's train-split probes (or, where a memory has none, its restatement);
 the held-out probes that decide step 5 are never used for the reward. Each phase writes its result to
 the run folder, so a killed or time-limited run continues where it stopped. When the stack has grown
@@ -440,10 +441,10 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
     key = {"parent": current}
     resolved = cfg.model_dump()
     # the limits of one night are not part of the work: tomorrow's run with other limits continues it
-    # nor is how many dreams share a pass (`parallel`, lowered when memory runs short)
-    resolved["dream"] = {
-        k: v for k, v in resolved["dream"].items() if k not in ("max_minutes", "max_dreams", "parallel")
-    }
+    # nor is how many dreams share a pass (`parallel`, lowered when memory runs short), nor the gate's tolerance
+    # (it only decides what is made current; and a run saved before the field existed still resumes)
+    off = ("max_minutes", "max_dreams", "parallel", "ppl_tolerance")
+    resolved["dream"] = {k: v for k, v in resolved["dream"].items() if k not in off}
     ids = [t.id for t in targets]
     rf = find_resumable(h, st, "dream", resolved, ids, key) or start_run(h, st, "dream", resolved, ids, key)
     log(
@@ -743,8 +744,10 @@ def _gate_recall(model, tok, recent_p, replay_p, cfg: Recipe, eng, version: int)
         eng.sync(model, version=version)
     was = model.training
     model.eval()
-    ppl = perplexity(model, tok, reference_paragraphs(cfg.eval.ppl_paragraphs))
-    model.train(was)
+    try:
+        ppl = perplexity(model, tok, reference_paragraphs(cfg.eval.ppl_paragraphs))
+    finally:
+        model.train(was)
     return {
         "recall": _recall(model, tok, recent_p, cfg, eng),
         "retention": _recall(model, tok, replay_p, cfg, eng),
@@ -760,8 +763,9 @@ def gate_worse(before: dict[str, float | None], after: dict[str, float | None], 
         for k in ("recall", "retention")
         if before.get(k) is not None and after.get(k) is not None and after[k] < before[k]
     ]
-    if before.get("ppl") and after.get("ppl") and after["ppl"] > before["ppl"] * (1 + ppl_tolerance):
-        worse.append(f"general perplexity {before['ppl']:.2f} -> {after['ppl']:.2f}")
+    b, a = before.get("ppl"), after.get("ppl")
+    if b and a is not None and (not math.isfinite(a) or a > b * (1 + ppl_tolerance)):  # a NaN is worse, not equal
+        worse.append(f"general perplexity {b:.2f} -> {a:.2f}")
     return worse
 
 

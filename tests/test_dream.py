@@ -166,6 +166,9 @@ def test_a_dream_that_drifts_is_not_made_current(home, seeded, monkeypatch):
     assert gate_worse({"recall": 0.5, "ppl": 20.0}, {"recall": 0.5, "ppl": 21.1}, 0.05) == [
         "general perplexity 20.00 -> 21.10"
     ]
+    assert gate_worse({"recall": None, "ppl": 20.0}, {"recall": None, "ppl": float("nan")}, 0.05) == [
+        "general perplexity 20.00 -> nan"
+    ]
     # a gate saved before perplexity was part of it (a resumed run): recall alone decides
     assert gate_worse({"recall": 0.5, "retention": None}, {"recall": 0.6, "retention": None, "ppl": 99.0}, 0.05) == []
 
