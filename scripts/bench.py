@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_merge import ENGINE_SHARES, method, refuse_other_benchmarks
+from bench_merge import method, refuse_other_benchmarks, shares
 from rich.console import Console
 from rich.table import Table
 
@@ -233,7 +233,7 @@ def main() -> None:
     con = Console(stderr=True)
 
     runs = []
-    per_seed = args.seeds > 1 or args.first_seed is not None
+    per_seed = one_home_per_seed(args)
     first_seed = args.first_seed or 0
     for k in range(first_seed, first_seed + args.seeds):
         if args.home:
@@ -259,6 +259,11 @@ def main() -> None:
     con.print(f"results: {path}")
 
 
+def one_home_per_seed(args) -> bool:
+    """--seeds N or --first-seed: each seed trains in a home of its own and the result lists every run."""
+    return args.seeds > 1 or args.first_seed is not None
+
+
 def write_result(path: Path, args, name: str, runs: list[dict]) -> Path:
     """The seeds finished so far, mean ± sd over them in `summary`; `seeds_done` below `seeds` marks a cut run."""
     result = {
@@ -274,7 +279,7 @@ def write_result(path: Path, args, name: str, runs: list[dict]) -> Path:
         "baselines": not args.no_baselines,
         **runs[0],  # one seed's figures as before; `summary` holds mean ± sd over all of them
         "summary": summarize(runs),
-        "runs": runs if args.seeds > 1 or args.first_seed is not None else [],
+        "runs": runs if one_home_per_seed(args) else [],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
@@ -321,9 +326,7 @@ def merge(args) -> None:
         "name": name,
         "merged": [str(p) for p in paths],
         "overrides": method(first),
-        "engine_shares": {
-            str(p): {k: v for k, v in r["overrides"].items() if k in ENGINE_SHARES} for p, r in zip(paths, parts)
-        },
+        "engine_shares": shares(paths, parts),
         "seeds": len(runs),
         "seeds_done": len(runs),
         **runs[0],

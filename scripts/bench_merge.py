@@ -15,6 +15,11 @@ def method(result: dict) -> dict:
     return {k: v for k, v in result["overrides"].items() if k not in ENGINE_SHARES}
 
 
+def shares(paths: list[Path], parts: list[dict]) -> dict[str, dict]:
+    """Each merged file's engine memory shares, kept beside the merged result (they tell how its GPU was shared)."""
+    return {str(p): {k: v for k, v in r["overrides"].items() if k in ENGINE_SHARES} for p, r in zip(paths, parts)}
+
+
 def refuse_other_benchmarks(paths: list[Path], parts: list[dict], same: tuple[str, ...]) -> None:
     """Exit with the keys that differ when a file is another benchmark than the first (a mean over seeds of two
     benchmarks measures neither)."""

@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_merge import ENGINE_SHARES, method, refuse_other_benchmarks
+from bench_merge import method, refuse_other_benchmarks, shares
 from rich.console import Console
 from rich.table import Table
 
@@ -468,9 +468,9 @@ def merge(args) -> None:
     runs = [r for r in runs if r["nights"]]
     result = {k: first[k] for k in ("recipe", "machine", "nights", "memories_per_night", "dream")}
     result["overrides"] = method(first)
-    shares = {str(p): {k: v for k, v in r["overrides"].items() if k in ENGINE_SHARES} for p, r in zip(paths, parts)}
-    if any(shares.values()):
-        result["engine_shares"] = shares
+    engine_shares = shares(paths, parts)
+    if any(engine_shares.values()):
+        result["engine_shares"] = engine_shares
     result |= {"name": name, "merged": [str(p) for p in paths], "runs": runs, "summary": summarise(runs)}
     result["wall_s"] = max(r.get("wall_s", 0.0) for r in parts)  # side by side: the longest one
     (out / "results.json").write_text(json.dumps(result, indent=2))
