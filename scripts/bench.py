@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_merge import method, refuse_other_benchmarks, shares
+from bench_merge import code_line, commits, method, refuse_other_benchmarks, shares
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +31,7 @@ from sleepctl.dream import dream
 from sleepctl.evaluate import EvalReport, evaluate
 from sleepctl.memories import open_store
 from sleepctl.recipe import parse_overrides
+from sleepctl.runs import versions
 from sleepctl.seed import SeedResult, seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +172,7 @@ def one_run(args, home: Path, ov: dict, con: Console) -> dict | None:
         "naive_sft": ev.baseline,
         "seed_dream": dream_row,
         "eval_wall_s": eval_wall,
+        "versions": versions(),  # the source commit among them: results of one code can be told from another's
         "samples": {
             m: [{"q": r.question, "ref": r.reference, "out": r.output, "contains": r.contains} for r in x.results[:5]]
             for m, x in get.items()
@@ -253,7 +255,8 @@ def main() -> None:
     if not runs:
         return
     first = runs[0]
-    print_tables(args, first, summarize(runs), len(runs), [r["training_seed"] for r in runs] if per_seed else None)
+    seeds = [r["training_seed"] for r in runs] if per_seed else None
+    print_tables(args, first, summarize(runs), len(runs), seeds, code=code_line(seeds_by_commit(runs)))
     if first["seed_dream"]:
         con.print(f"dream: {first['seed_dream']['message']} ({first['seed_dream']['wall_s']:.0f} s)")
     con.print(f"results: {path}")
@@ -279,11 +282,16 @@ def write_result(path: Path, args, name: str, runs: list[dict]) -> Path:
         "baselines": not args.no_baselines,
         **runs[0],  # one seed's figures as before; `summary` holds mean ± sd over all of them
         "summary": summarize(runs),
+        "commits": seeds_by_commit(runs),
         "runs": runs if one_home_per_seed(args) else [],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def seeds_by_commit(runs: list[dict]) -> dict[str, list[int]]:
+    return commits([(r["training_seed"], r.get("versions")) for r in runs])
 
 
 def merge(args) -> None:
@@ -331,17 +339,25 @@ def merge(args) -> None:
         "seeds_done": len(runs),
         **runs[0],
         "summary": summarize(runs),
+        "commits": seeds_by_commit(runs),
         "runs": runs,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     args.recipe, args.memories = first["recipe"], first["memories_file"]
-    print_tables(args, runs[0], result["summary"], len(runs), [r["training_seed"] for r in runs], first["machine"])
+    seeds = [r["training_seed"] for r in runs]
+    print_tables(args, runs[0], result["summary"], len(runs), seeds, first["machine"], code_line(result["commits"]))
     Console(stderr=True).print(f"results: {out}")
 
 
 def print_tables(
-    args, first: dict, summary: dict, n_seeds: int, seed_ids: list | None = None, where: str | None = None
+    args,
+    first: dict,
+    summary: dict,
+    n_seeds: int,
+    seed_ids: list | None = None,
+    where: str | None = None,
+    code: str | None = None,
 ) -> None:
     seeds = f", {n_seeds} training seeds (mean ± sd)" if n_seeds > 1 else ""
     if seed_ids:
@@ -411,6 +427,8 @@ def print_tables(
         c.add_row("naive SFT wall time / tokens/s", f"{b['wall_s']:.0f} s / {b['tokens_per_second']:.0f}")
     c.add_row("eval wall time (all methods, baseline training included)", f"{ev_wall:.0f} s")
     Console().print(c)
+    if code:
+        Console().print(code)
 
 
 if __name__ == "__main__":

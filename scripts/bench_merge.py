@@ -27,3 +27,28 @@ def refuse_other_benchmarks(paths: list[Path], parts: list[dict], same: tuple[st
         diff = [k for k in same if r.get(k) != parts[0].get(k)] + ["overrides"] * (method(r) != method(parts[0]))
         if diff:
             raise SystemExit(f"--merge: {p} is another benchmark than {paths[0]}: {', '.join(diff)} differ")
+
+
+def commit_of(versions: dict | None) -> str:
+    """The source commit a result was made with (`sleepctl.runs.versions`), short; "unknown" for a result written
+    before commits were recorded or by an installed package."""
+    c = (versions or {}).get("commit")
+    if not c:
+        return "unknown"
+    return c.removesuffix("+dirty")[:12] + ("+dirty" if c.endswith("+dirty") else "")
+
+
+def commits(seeds_versions: list[tuple[int, dict | None]]) -> dict[str, list[int]]:
+    """Which code made which training seeds: a table over seeds of different code measures a change too, and
+    says so."""
+    out: dict[str, list[int]] = {}
+    for seed, v in seeds_versions:
+        out.setdefault(commit_of(v), []).append(seed)
+    return {k: sorted(set(v), key=lambda x: -1 if x is None else x) for k, v in out.items()}
+
+
+def code_line(by_commit: dict[str, list[int]]) -> str:
+    if len(by_commit) == 1:
+        return f"code: {next(iter(by_commit))}"
+    parts = "; ".join(f"{c} (seeds {', '.join(map(str, s))})" for c, s in by_commit.items())
+    return f"code: {parts}: these seeds ran different code"

@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_merge import method, refuse_other_benchmarks, shares
+from bench_merge import code_line, commit_of, commits, method, refuse_other_benchmarks, shares
 from rich.console import Console
 from rich.table import Table
 
@@ -57,6 +57,7 @@ from sleepctl.engines import release_engines
 from sleepctl.evaluate import evaluate
 from sleepctl.memories import open_store
 from sleepctl.recipe import load_recipe, parse_overrides
+from sleepctl.runs import versions
 from sleepctl.scoring import contains_match
 from sleepctl.seed import seed
 
@@ -472,6 +473,7 @@ def merge(args) -> None:
     if any(engine_shares.values()):
         result["engine_shares"] = engine_shares
     result |= {"name": name, "merged": [str(p) for p in paths], "runs": runs, "summary": summarise(runs)}
+    result["commits"] = seeds_by_commit(runs)
     result["wall_s"] = max(r.get("wall_s", 0.0) for r in parts)  # side by side: the longest one
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot(runs, first["nights"], out / "retention.png")
@@ -482,6 +484,7 @@ def merge(args) -> None:
         first["nights"],
         f"sleepctl bench-nights: {first['recipe']}, merged from {len(paths)} runs, training seeds {seeds}",
     )
+    Console().print(code_line(result["commits"]))
     Console(stderr=True).print(f"results: {out / 'results.json'}\nplot: {out / 'retention.png'}")
 
 
@@ -547,6 +550,7 @@ def main() -> None:
     changed |= {k: None for k in result["overrides"] if k not in overrides}
     if changed:
         Console(stderr=True).print(f"[yellow]resumed with other settings, recorded on each night from now: {changed}")
+    code = versions()
     t0 = time.time()
     deadline = t0 + 60 * args.max_minutes if args.max_minutes else float("inf")
 
@@ -561,15 +565,18 @@ def main() -> None:
         for s in range(args.first_seed, args.first_seed + args.seeds):
             for c in configs:
                 run = next((r for r in result["runs"] if r["config"] == c and r["seed"] == s), None)
-                if run is None:
-                    run = {"config": c, "seed": s, "nights": []}
+                if run is None:  # the code it starts with; a resumed night under another says so on its row
+                    run = {"config": c, "seed": s, "versions": code, "nights": []}
                     result["runs"].append(run)
                 before = len(run["nights"])
                 ok = run_config(run, nights, args, overrides, work, save, deadline)
                 if changed:  # a resumed night says what it ran under, where that differs from the start
                     for row in run["nights"][before:]:
                         row["overrides_changed"] = changed
-                    save()
+                if commit_of(run.get("versions")) != commit_of(code):
+                    for row in run["nights"][before:]:
+                        row["commit"] = commit_of(code)
+                save()
                 if not ok:
                     finished = False
                     break
@@ -589,7 +596,12 @@ def main() -> None:
         f"sleepctl bench-nights: {args.recipe}, {args.nights} nights of {nights and len(nights[0])} memories, "
         f"{args.seeds} training seed(s), {machine()}",
     )
+    Console().print(code_line(seeds_by_commit(result["runs"])))
     Console(stderr=True).print(f"results: {path}\nplot: {out / 'retention.png'}")
+
+
+def seeds_by_commit(runs: list[dict]) -> dict[str, list[int]]:
+    return commits([(r["seed"], r.get("versions")) for r in runs])
 
 
 if __name__ == "__main__":

@@ -36,12 +36,16 @@ from .store import Store, new_id, now
 
 
 def versions() -> dict[str, str]:
+    """What produced a run: library versions, and the source commit where sleepctl runs from a git checkout (the
+    package version alone does not change between commits, so two runs of "0.1.0" may be different code)."""
+    import importlib.metadata
+
     import peft
     import transformers
 
     from . import __version__
 
-    return {
+    out = {
         "sleepctl": __version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -49,6 +53,40 @@ def versions() -> dict[str, str]:
         "peft": peft.__version__,
         "platform": platform.platform(),
     }
+    try:
+        out["vllm"] = importlib.metadata.version("vllm")  # its metadata only: importing vLLM takes seconds
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if commit := source_commit():
+        out["commit"] = commit
+    return out
+
+
+def source_commit(root: Path | None = None) -> str | None:
+    """HEAD of the git checkout sleepctl runs from, "+dirty" when its tracked files differ from it; None for an
+    installed package, or without git. Only a checkout whose top is the folder holding the package counts: an
+    installed copy inside some other repository (a venv in a project) is not that repository's code. A copy of the
+    tree without its repository (sent to another machine) may name its commit in SLEEPCTL_SOURCE_COMMIT."""
+    import subprocess
+
+    root = root or Path(__file__).resolve().parent.parent
+    told = os.environ.get("SLEEPCTL_SOURCE_COMMIT") or None
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != root.resolve():
+        return told
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return told
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head + ("+dirty" if dirty else "")
 
 
 def config_hash(obj: Any) -> str:

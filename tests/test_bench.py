@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sleepctl.runs import source_commit
 from sleepctl.scoring import contains_match
 
 from .conftest import ROOT, write_recipe
@@ -99,6 +100,17 @@ def test_bench_seeds_give_mean_and_spread(tmp_path, tiny_dir, small_memories):
     assert stats["n"] == 3 and abs(stats["mean"] - sum(values) / 3) < 1e-9
     assert res["overrides"] == {} and res["engine_shares"][str(out / "f.json")] == {"vllm.gpu_memory_utilization": 0.1}
     assert "training seeds [0, 1, 5]" in m.stdout.decode()
+    assert list(res["commits"].values()) == [[0, 1, 5]] and "ran different code" not in m.stdout.decode()
+    # seeds made by different code merge, and the table says which code made which seed
+    later = json.loads((out / "f.json").read_text())
+    later["runs"][0]["versions"] = {**later["runs"][0]["versions"], "commit": "ab" * 20 + "+dirty"}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    m = script(
+        "bench.py", "--merge", str(out / "s.json"), str(tmp_path / "later.json"), "--out", str(out), "--name", "c"
+    )
+    assert m.returncode == 0, m.stderr.decode()[-3000:]
+    assert json.loads((out / "c.json").read_text())["commits"]["abababababab+dirty"] == [5]
+    assert "abababababab+dirty (seeds 5)" in m.stdout.decode() and "these seeds ran different code" in m.stdout.decode()
     # refused, with the reason: a seed twice, another benchmark, a file without training seeds, no file
     dup = script("bench.py", "--merge", str(out / "s.json"), str(out / "s.json"), "--out", str(out), "--name", "x")
     assert dup.returncode != 0 and b"training seed 0 is already in an earlier file" in dup.stderr
@@ -216,6 +228,9 @@ def test_bench_nights_retention_matrix_and_plot(tmp_path, tiny_dir):
     # the settings a resumed night ran under, where they differ from those the results began with
     assert all(row["overrides_changed"] == {"eval.max_new_tokens": 16} for x in res["runs"] for row in x["nights"])
     assert [x["config"] for x in res["runs"]] == ["stack", "full"]
+    # the code each run started with; resumed by the same code, no night notes another
+    assert all(x["versions"].get("commit") == source_commit() for x in res["runs"]) and "code: " in r.stdout.decode()
+    assert not any("commit" in row for x in res["runs"] for row in x["nights"])
     for run in res["runs"]:
         rows = run["nights"]
         assert [x["night"] for x in rows] == [1, 2]
@@ -261,6 +276,7 @@ def test_bench_nights_merges_runs_made_apart(tmp_path):
     assert after["n"] == 2 and abs(after["mean"] - (2 / 3 + 0.5) / 2) < 1e-9 and after["sd"] > 0.1
     assert [x["seed"] for x in res["runs"]] == [0, 1] and (out / "m" / "retention.png").stat().st_size > 1000
     assert "merged from 2 runs" in r.stdout.decode()
+    assert res["commits"] == {"unknown": [0, 1]}  # written before runs recorded their code
 
     # a run stopped early (--max-minutes): the summary is taken after the last night both reached
     short = json.loads((tmp_path / "s1" / "results.json").read_text())

@@ -39,6 +39,10 @@ def test_seed_writes_adapter_registry_and_marks_memories(home, tmp_path, tiny_di
     run = Path(res.run_dir)
     for f in ("recipe.yaml", "versions.json", "memory_ids.json", "data.json", "summary.json"):
         assert (run / f).exists(), f
+    from sleepctl.runs import source_commit
+
+    code = json.loads((run / "versions.json").read_text())
+    assert code["transformers"] and code.get("commit") == source_commit()  # the checkout's commit, or none
     with open_store(home) as st:
         a = st.adapter(res.adapter_id)
         assert a.current and a.base_model == str(tiny_dir) and len(a.trace_ids) == 3
@@ -264,3 +268,36 @@ def test_teacher_answers_left_out_are_counted_and_listed(home, tmp_path, tiny_di
     assert all(x["why"] == "not grounded" or x["why"].startswith("states ") for x in dropped)
     trained = {(e["prompt"], s) for e in json.loads((run / "data.json").read_text())["examples"] for s in e["samples"]}
     assert not trained & {(x["prompt"], x["answer"]) for x in dropped}  # nothing left out is trained
+
+
+def test_source_commit_names_the_checkout_sleepctl_runs_from(tmp_path, monkeypatch):
+    """The package version does not change between commits: a run records the source commit, marked dirty when
+    tracked files differ, and none for a copy that is not the top of a checkout (an installed package)."""
+    from sleepctl.runs import source_commit
+
+    repo = tmp_path / "repo"
+    assert source_commit(tmp_path) is None  # not a checkout at all
+    (repo / "sleepctl").mkdir(parents=True)
+    (repo / "sleepctl" / "a.py").write_text("x = 1\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    assert source_commit(repo) == head
+    (repo / "notes.txt").write_text("untracked files do not make it dirty")
+    assert source_commit(repo) == head
+    (repo / "sleepctl" / "a.py").write_text("x = 2\n")
+    assert source_commit(repo) == head + "+dirty"
+    assert source_commit(repo / "sleepctl") is None  # inside a checkout, not its top: another project's code
+    # a copy of the tree without its repository, told its commit; a checkout's own HEAD wins over the variable
+    monkeypatch.setenv("SLEEPCTL_SOURCE_COMMIT", "c0ffee")
+    assert source_commit(tmp_path) == "c0ffee" and source_commit(repo) == head + "+dirty"
