@@ -48,7 +48,10 @@ def commits(seeds_versions: list[tuple[int, dict | None]]) -> dict[str, list[int
 
 
 def code_line(by_commit: dict[str, list[int]]) -> str:
-    if len(by_commit) == 1:
-        return f"code: {next(iter(by_commit))}"
+    if len(by_commit) <= 1:
+        return f"code: {next(iter(by_commit), 'unknown')}"
     parts = "; ".join(f"{c} (seeds {', '.join(map(str, s))})" for c, s in by_commit.items())
+    known = [c for c in by_commit if c != "unknown"]
+    if len(known) < 2:  # one commit beside results that did not record theirs
+        return f"code: {parts}: these seeds may have run different code"
     return f"code: {parts}: these seeds ran different code"

@@ -601,7 +601,9 @@ def main() -> None:
 
 
 def seeds_by_commit(runs: list[dict]) -> dict[str, list[int]]:
-    return commits([(r["seed"], r.get("versions")) for r in runs])
+    """A seed under the commit its run started with and under each one a resumed night of it ran under."""
+    marks = [(r["seed"], {"commit": row["commit"]}) for r in runs for row in r["nights"] if row.get("commit")]
+    return commits([(r["seed"], r.get("versions")) for r in runs] + marks)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,14 @@ def source_commit(root: Path | None = None) -> str | None:
     root = root or Path(__file__).resolve().parent.parent
     told = os.environ.get("SLEEPCTL_SOURCE_COMMIT") or None
 
+    # GIT_DIR and the like (set inside git hooks) would point git at another repository; a clone owned by another
+    # user is still this code (safe.directory); several runs side by side must not take the index lock (status)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    cmd = ["git", "--no-optional-locks", "-c", f"safe.directory={root}", "-C", str(root)]
+
     def git(*args: str) -> str | None:
         try:
-            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+            r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=10, env=env)
         except (OSError, subprocess.SubprocessError):
             return None
         return r.stdout.strip() if r.returncode == 0 else None
@@ -85,8 +90,8 @@ def source_commit(root: Path | None = None) -> str | None:
     head = git("rev-parse", "HEAD")
     if not head:
         return told
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return head + ("+dirty" if dirty else "")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return head + ("+dirty" if status != "" else "")  # a status that failed does not vouch for a clean tree
 
 
 def config_hash(obj: Any) -> str:

@@ -282,6 +282,7 @@ def test_bench_nights_merges_runs_made_apart(tmp_path):
     short = json.loads((tmp_path / "s1" / "results.json").read_text())
     short["runs"][0]["nights"] = short["runs"][0]["nights"][:3]
     short["runs"][0]["seed"] = 2
+    short["runs"][0]["nights"][-1]["commit"] = "abababababab"  # its last night resumed under other code
     (tmp_path / "s2").mkdir()
     (tmp_path / "s2" / "results.json").write_text(json.dumps(short))
     r = script(
@@ -289,6 +290,8 @@ def test_bench_nights_merges_runs_made_apart(tmp_path):
     )
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     summ = json.loads((out / "c" / "results.json").read_text())["summary"]["full"]
+    assert json.loads((out / "c" / "results.json").read_text())["commits"] == {"unknown": [0, 2], "abababababab": [2]}
+    assert "these seeds may have run different code" in r.stdout.decode()
     night3 = real["runs"][0]["nights"][2]
     assert summ["after_night"] == 3 and summ["night1_after_last"]["sd"] == 0.0
     assert summ["night1_after_last"]["mean"] == night3["recall"]["1"] and summ["night_wall_max_s"]["n"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,17 +276,22 @@ def test_source_commit_names_the_checkout_sleepctl_runs_from(tmp_path, monkeypat
     tracked files differ, and none for a copy that is not the top of a checkout (an installed package)."""
     from sleepctl.runs import source_commit
 
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    monkeypatch.delenv("SLEEPCTL_SOURCE_COMMIT", raising=False)
     repo = tmp_path / "repo"
     assert source_commit(tmp_path) is None  # not a checkout at all
     (repo / "sleepctl").mkdir(parents=True)
     (repo / "sleepctl" / "a.py").write_text("x = 1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"GIT_CONFIG_GLOBAL": os.devnull}
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
             check=True,
             capture_output=True,
             text=True,
+            env=env,
         ).stdout.strip()
 
     git("init", "-q")
@@ -298,6 +304,8 @@ def test_source_commit_names_the_checkout_sleepctl_runs_from(tmp_path, monkeypat
     (repo / "sleepctl" / "a.py").write_text("x = 2\n")
     assert source_commit(repo) == head + "+dirty"
     assert source_commit(repo / "sleepctl") is None  # inside a checkout, not its top: another project's code
+    monkeypatch.setenv("GIT_DIR", str(repo / ".git"))  # as inside a git hook: it must not make tmp_path that repo
+    assert source_commit(tmp_path) is None
     # a copy of the tree without its repository, told its commit; a checkout's own HEAD wins over the variable
     monkeypatch.setenv("SLEEPCTL_SOURCE_COMMIT", "c0ffee")
     assert source_commit(tmp_path) == "c0ffee" and source_commit(repo) == head + "+dirty"
