@@ -554,7 +554,17 @@ def main() -> None:
     t0 = time.time()
     deadline = t0 + 60 * args.max_minutes if args.max_minutes else float("inf")
 
+    started: dict[tuple[str, int], int] = {}  # the nights each run had when this call reached it; later: this call's
+
     def save() -> None:
+        # a night this call ran says what it ran under where that differs from the run's start: marked as it is
+        # saved, so a call cut off mid-configuration keeps the mark on the nights it finished
+        for r in result["runs"]:
+            for row in r["nights"][started.get((r["config"], r["seed"]), len(r["nights"])) :]:
+                if changed:
+                    row["overrides_changed"] = changed
+                if commit_of(r.get("versions")) != commit_of(code):
+                    row["commit"] = commit_of(code)
         result["summary"] = summarise([r for r in result["runs"] if r["nights"]])
         result["wall_s"] = result.get("wall_s_before", 0.0) + time.time() - t0
         path.write_text(json.dumps(result, indent=2))
@@ -565,18 +575,11 @@ def main() -> None:
         for s in range(args.first_seed, args.first_seed + args.seeds):
             for c in configs:
                 run = next((r for r in result["runs"] if r["config"] == c and r["seed"] == s), None)
-                if run is None:  # the code it starts with; a resumed night under another says so on its row
+                if run is None:  # the code it starts with
                     run = {"config": c, "seed": s, "versions": code, "nights": []}
                     result["runs"].append(run)
-                before = len(run["nights"])
+                started.setdefault((c, s), len(run["nights"]))
                 ok = run_config(run, nights, args, overrides, work, save, deadline)
-                if changed:  # a resumed night says what it ran under, where that differs from the start
-                    for row in run["nights"][before:]:
-                        row["overrides_changed"] = changed
-                if commit_of(run.get("versions")) != commit_of(code):
-                    for row in run["nights"][before:]:
-                        row["commit"] = commit_of(code)
-                save()
                 if not ok:
                     finished = False
                     break
