@@ -31,7 +31,6 @@ from sleepctl.dream import dream
 from sleepctl.evaluate import EvalReport, evaluate
 from sleepctl.memories import open_store
 from sleepctl.recipe import parse_overrides
-from sleepctl.runs import versions
 from sleepctl.seed import SeedResult, seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +171,9 @@ def one_run(args, home: Path, ov: dict, con: Console) -> dict | None:
         "naive_sft": ev.baseline,
         "seed_dream": dream_row,
         "eval_wall_s": eval_wall,
-        "versions": versions(),  # the source commit among them: results of one code can be told from another's
+        # the code that trained it, commit among them, as its run folder recorded it (a reused home's seed may
+        # predate this call's code)
+        "versions": json.loads((Path(s.run_dir) / "versions.json").read_text()),
         "samples": {
             m: [{"q": r.question, "ref": r.reference, "out": r.output, "contains": r.contains} for r in x.results[:5]]
             for m, x in get.items()

@@ -38,6 +38,7 @@ def test_bench_writes_results(tmp_path, tiny_dir, small_memories):
     sleep = res["recall"]["sleep"]
     assert sleep["user_probes"] + sleep["teacher_probes"] == res["heldout_probes"]
     assert res["summary"]["recall"]["sleep"]["contains"]["n"] == 1
+    assert res["versions"] == json.loads((Path(res["seed"]["run_dir"]) / "versions.json").read_text())
     text = r.stdout.decode()
     for word in ("base (closed-book)", "in-context", "naive SFT", "seed", "ppl change", "rollout tokens/s"):
         assert word in text
