@@ -53,7 +53,7 @@ from .runs import (
     start_run,
     sweep,
 )
-from .scoring import contains_match
+from .scoring import answer_match
 from .seed import check_stack, engines_for, load_teacher, vllm_check
 from .store import Store
 from .training import add_lora, make_optimizer, peak_memory_mb
@@ -412,7 +412,7 @@ def _gate(model, tok, groups: dict[str, list[Probe]], texts: list[str], cfg: Rec
     recall: dict[str, float | None] = {}
     for g, ps in groups.items():
         outs = answer(model, tok, ps, cfg, engine=eng)
-        recall[g] = sum(contains_match(o, p.answer) for o, p in zip(outs, ps)) / len(ps)
+        recall[g] = sum(answer_match(o, p.answer, p.question) for o, p in zip(outs, ps)) / len(ps)
     return {"recall": recall, "ppl": perplexity(model, tok, texts)}
 
 

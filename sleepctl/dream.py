@@ -66,7 +66,7 @@ from .runs import (
     start_run,
     sweep,
 )
-from .scoring import contains_match, token_f1
+from .scoring import answer_match, token_f1
 from .store import Store, now
 from .training import add_lora, make_optimizer
 
@@ -771,11 +771,11 @@ def gate_worse(before: dict[str, float | None], after: dict[str, float | None], 
 
 @torch.no_grad()
 def _recall(model, tok, probes: list[Probe], cfg: Recipe, eng=None) -> float | None:
-    """Held-out contains-match, answered exactly as `eval` answers (greedy, closed-book)."""
+    """Held-out recall, answered and scored exactly as `eval` does (greedy, closed-book, `answer_match`)."""
     if not probes:
         return None
     outs = answer(model, tok, probes, cfg, engine=eng)
-    return sum(contains_match(o, p.answer) for o, p in zip(outs, probes)) / len(probes)
+    return sum(answer_match(o, p.answer, p.question) for o, p in zip(outs, probes)) / len(probes)
 
 
 def _cached(rf: RunFolder, name: str):

@@ -31,7 +31,7 @@ from .prompts import render
 from .recipe import Recipe, load_recipe, with_overrides
 from .records import Adapter, Probe, Trace
 from .runs import seed_everything
-from .scoring import contains_match, token_f1
+from .scoring import answer_match, token_f1
 from .store import Store, new_id
 
 
@@ -150,7 +150,7 @@ def score(method: str, group: str, probes: list[Probe], outputs: list[str], reci
             question=p.question,
             reference=p.answer,
             output=o,
-            contains=contains_match(o, p.answer),
+            contains=answer_match(o, p.answer, p.question),
             f1=token_f1(o, p.answer),
         )
         for p, o in zip(probes, outputs)

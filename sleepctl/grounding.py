@@ -11,15 +11,7 @@ import re
 from text_to_num import alpha2digit
 
 from .prompts import ACRONYMS, CALENDAR, OPENERS
-from .scoring import normalize
-
-_STOPWORDS = set(
-    "i me my we our you your he him his she her it its they them their what which who whom this that these those am is are was were be been being have has had do does did a an the and but if or because as until while of at by for with about against between into through during before after above below to from up down in out on off over under again further then once here there when where why how all any both each few more most other some such no nor not only own same so than too very can will just should now".split()
-)
-
-
-def content_tokens(text: str) -> set[str]:
-    return {t for t in normalize(text).split() if t not in _STOPWORDS}
+from .scoring import content_tokens
 
 
 def grounded(answer: str, memory: str, min_fraction: float = 0.5) -> bool:

@@ -30,11 +30,37 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+_STOPWORDS = set(
+    "i me my we our you your he him his she her it its they them their what which who whom this that these those am is are was were be been being have has had do does did a an the and but if or because as until while of at by for with about against between into through during before after above below to from up down in out on off over under again further then once here there when where why how all any both each few more most other some such no nor not only own same so than too very can will just should now".split()
+)
+
+
+def content_tokens(text: str) -> set[str]:
+    return {t for t in normalize(text).split() if t not in _STOPWORDS}
+
+
 def contains_match(prediction: str, reference: str) -> bool:
     ref = normalize(reference)
     if not ref:
         return False
     return f" {ref} " in f" {normalize(prediction)} "
+
+
+def answer_match(prediction: str, reference: str, question: str) -> bool:
+    """Contains-match, or, for a reference that restates its question, a match on what it adds to the question.
+
+    A teacher writes a probe's answer as a sentence ("The manager mentioned in the note is Fenna Albright." for
+    "Who is the manager mentioned in the note?"): "Fenna Albright", or "The rule is proposed by ..." for "The
+    rule was proposed by ...", missed the whole sentence. After a dream that answers tersely, teacher-probe recall
+    read 50% -> 12% on one seed of the real pair, where what the references add read 62% -> 54%. Every content
+    word the reference adds must appear; a reference that shares no content word with its question (a user's
+    "Tallinn") is matched as before.
+    """
+    if contains_match(prediction, reference):
+        return True
+    ref, asked = content_tokens(reference), content_tokens(question)
+    added = ref - asked
+    return bool(ref & asked) and bool(added) and added <= content_tokens(prediction)
 
 
 def token_f1(prediction: str, reference: str) -> float:

@@ -117,3 +117,32 @@ def test_naive_sft_runs_the_steps_the_seed_ran(home, tmp_path, tiny_dir, small_m
     assert res.steps == 10  # the floor of a night (min(10, max_steps)) above 0.5 x 3 memories
     r = evaluate(home=home, baselines=True)
     assert r.baseline["steps"] == res.steps and any(f"naive SFT: {res.steps} steps" in n for n in r.notes)
+
+
+def test_eval_scores_a_teacher_probe_by_what_its_answer_adds_to_the_question():
+    from sleepctl.evaluate import score
+    from sleepctl.recipe import load_recipe
+    from sleepctl.records import Probe
+
+    recipe, _ = load_recipe("quick-cpu", {"eval.judge": "none"})
+    probes = [
+        Probe(id=f"p{i}", trace_id="m", question=q, answer=a, origin=o, split="heldout", created_at="t")
+        for i, (q, a, o) in enumerate(
+            [
+                (
+                    "Who is the manager mentioned in the note?",
+                    "The manager mentioned in the note is Fenna Albright.",
+                    "teacher",
+                ),
+                (
+                    "Who is the manager mentioned in the note?",
+                    "The manager mentioned in the note is Fenna Albright.",
+                    "teacher",
+                ),
+                ("Where does the Kestrel build server run now?", "Tallinn", "user"),
+            ]
+        )
+    ]
+    r = score("sleep", "new", probes, ["Fenna Albright", "Dana Okafor", "In Tallinn."], recipe)
+    assert [x.contains for x in r.results] == [True, False, True]
+    assert r.contains == pytest.approx(2 / 3)

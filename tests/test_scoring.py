@@ -1,6 +1,6 @@
 from sleepctl.grounding import grounded
 from sleepctl.prompts import entities, parse_questions
-from sleepctl.scoring import contains_match, normalize, token_f1
+from sleepctl.scoring import answer_match, contains_match, normalize, token_f1
 
 
 def test_normalize_numbers_and_articles():
@@ -30,6 +30,33 @@ def test_number_words_and_ordinals_match_digits():
     assert not contains_match("About 2000 people came.", "two hundred")
     assert not contains_match("It is due on March 4th.", "March 14")
     assert normalize("Route Sixty-Six") == "route 66"
+
+
+def test_answer_match_reads_a_restated_reference_by_what_it_adds():
+    q, ref = "Who is the manager mentioned in the note?", "The manager mentioned in the note is Fenna Albright."
+    assert not contains_match("Fenna Albright", ref)  # what the strict match missed after a terse dream
+    assert answer_match("Fenna Albright", ref, q)
+    assert answer_match("It is Fenna Albright, who manages the note's team.", ref, q)
+    assert answer_match(ref, ref, q)
+    assert not answer_match("Fenna", ref, q)  # every word the reference adds
+    assert not answer_match("The manager mentioned in the note is Dana Okafor.", ref, q)
+    q, ref = "When is the Marrow project due?", "The Marrow project is due March 14."
+    assert answer_match("March fourteenth", ref, q)
+    assert not answer_match("The Marrow project is due on Friday, April 14.", ref, q)
+    q, ref = "When is the rule proposed?", "The rule was proposed by Magnus Oyelaran after the Pelican outage."
+    assert answer_match("The rule is proposed by Magnus Oyelaran after the Pelican outage.", ref, q)
+    assert not answer_match("The rule is proposed by Magnus Oyelaran.", ref, q)
+
+
+def test_answer_match_is_contains_match_for_a_reference_that_does_not_restate_its_question():
+    q = "Who moved the Kestrel build server?"
+    for out in ("Orla Brennick moved it.", "Brennick, Orla", "Orla", "It was Orla Brennick's team"):
+        assert answer_match(out, "Orla Brennick", q) == contains_match(out, "Orla Brennick")
+    # a reference that only repeats its question adds nothing to match on: the strict match decides
+    q, ref = "Is the rule proposed?", "The rule is proposed."
+    assert not answer_match("Yes.", ref, q)
+    assert answer_match("Yes, the rule is proposed.", ref, q)
+    assert not answer_match("anything", "", q)
 
 
 def test_token_f1():
