@@ -73,7 +73,7 @@ if [ "$phase" = prepare ] || [ "$phase" = all ]; then
   join /tmp/pieces/q05 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
   join /tmp/pieces/q15 "$SLEEPCTL_CACHE/models/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
   for m in qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
-    gguf=$(ls "$SLEEPCTL_CACHE"/models/gguf/"$m"-*.gguf 2>/dev/null | head -n 1)
+    gguf=$(ls "$SLEEPCTL_CACHE"/models/gguf/"$m"-*.gguf 2>/dev/null | head -n 1) || true  # not sent: teacher self
     # only once its GGUF is joined: a conversion started earlier fails at once and would never be retried
     if [ -n "$gguf" ] && [ ! -e "/tmp/convert-$m.done" ] && [ ! -e "/tmp/convert-$m.started" ]; then
       touch "/tmp/convert-$m.started"
