@@ -233,6 +233,23 @@ def qa_pairs(text: str) -> list[tuple[str, str]]:
     return [(q.strip(), a.strip()) for q, a in found if q.strip() and a.strip()]
 
 
+def whole_part(kind: str, text: str) -> str:
+    """What of a dream cut off by the token limit may train: the question-answer pairs before the one it was writing,
+    or its text up to the last whole sentence ("" when there is none).
+
+    On the real pair at 64 tokens, 22 of the 31 QA dreams a night kept and 12 of its 16 implications ended mid-
+    sentence ("A: The Corvina data pipeline is expected to run at 02", "... at 3 pm in room"), each trained as if
+    the answer ended there; after that dream the adapter answered "At what time does the Corvina data pipeline run
+    now?" with "It runs at 02" and put the one-on-ones "in room", both right before it.
+    """
+    if kind == "qa":
+        i = text.rfind("Q:")
+        head = text[:i].rstrip() if i > 0 else ""
+        return head if qa_pairs(head) else ""
+    ends = list(re.finditer(r"[.!?][\"')\]]*(?=\s)", text))
+    return text[: ends[-1].end()] if ends else ""
+
+
 def grounded_dream(kind: str, text: str, source: str) -> dict[str, Any]:
     """What of a dream may train, judged as the seed judges teacher answers: `invented` (names and values its
     memories lack: the dream is dropped), `grounded` (False: dropped too) and, for a QA dream, the `pairs` that pass.
@@ -505,6 +522,15 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             _save(rf, "dreams.json", dreams)
         lap("write")
         log(f"{len(dreams)} dreams")
+        if cut := sum(bool(d.get("cut")) for d in dreams):
+            log(
+                f"{cut} of them reached the token limit (dream.max_new_tokens {dc.max_new_tokens})"
+                + (
+                    ": each trains up to its last whole sentence or question-answer pair (one with none is left out)"
+                    if dc.grounded
+                    else ""
+                )
+            )
         # a dream is the model's own writing: one that names a person or value its memories do not would train it
         # in, and so would one mostly in other words (or, for QA, with no answer that is not)
         made_up = [d for d in dreams if dc.grounded and (d.get("invented") or d.get("grounded") is False)]
@@ -715,15 +741,18 @@ def _write_dreams(
                 if time.time() > deadline:
                     return None
                 chunk = part[i : i + bs]
-                texts = sampler.generate(
+                ro = sampler.generate(
                     [render(tok, cfg.data.system_prompt, j["prompt"]) for j in chunk],
                     max_new_tokens=dc.max_new_tokens,
                     temperature=dc.temperature,
                     seed=rng.randrange(2**31),
-                ).texts
-                for j, text in zip(chunk, texts):
+                )
+                for j, text, ids in zip(chunk, ro.texts, ro.completion_ids):
+                    cut = len(ids) >= dc.max_new_tokens and ids[-1] != tok.eos_token_id
+                    if cut and dc.grounded:
+                        text = whole_part(j["kind"], text.strip())
                     if text.strip():
-                        said = {"text": text.strip(), "invented": invented(text, j["source"])}
+                        said = {"text": text.strip(), "invented": invented(text, j["source"]), "cut": cut}
                         if dc.grounded:
                             said |= grounded_dream(j["kind"], text.strip(), j["source"])
                         out.append({k: v for k, v in j.items() if k not in ("prompt", "source")} | said)

@@ -250,7 +250,9 @@ class Dream(Strict):
         description="relative general-perplexity rise the gate accepts; a dream that drifts more is not made current",
     )
     grounded: bool = Field(
-        True, description="drop a dream that states a name or value its memories do not hold before it is scored"
+        True,
+        description="judge dreams before they are scored: drop one that states a name or value its memories do not "
+        "hold or says mostly other things, and train one cut off by the token limit up to its last whole sentence",
     )
     replay_fraction: float = Field(0.5, ge=0.0, le=4.0, description="older memories replayed per recent one")
     train_steps: int = Field(20, ge=1, description="ReST-EM steps on rewarded dreams plus replay")

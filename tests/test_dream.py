@@ -269,6 +269,7 @@ def test_dreams_that_invent_are_not_scored_kept_or_trained(home, seeded, monkeyp
     first, recipe = seeded
     import sleepctl.dream as d
 
+    monkeypatch.setattr(d, "whole_part", lambda kind, text: text)  # a random model's dreams all run to the limit
     flagged = iter([["Odra Brennick"], []] * 100)  # every other dream written invents a name
     monkeypatch.setattr(d, "invented", lambda text, source: next(flagged))
     monkeypatch.setattr(d, "grounded_dream", lambda kind, text, source: {})  # a tiny model's words: not judged here
@@ -395,6 +396,81 @@ def test_a_qa_dream_trains_its_good_pairs_only(home, seeded, monkeypatch):
     assert trained and not any("Thirteen" in p.answer or "Yes, I remembered" in p.answer for p in trained)
     log = (home / "logs" / "dream.log").read_text()
     assert f"{len(qa)} question-answer pairs left out" in log and "say mostly other things" in log
+
+
+def test_a_dream_cut_by_the_token_limit_keeps_its_whole_sentences_and_pairs():
+    from sleepctl.dream import whole_part
+
+    qa = "Q: When does Corvina run? A: At 02:30 UTC.\n\nQ: What is its expected time? A: It is expected to run at 02"
+    assert whole_part("qa", qa) == "Q: When does Corvina run? A: At 02:30 UTC."
+    assert whole_part("qa", "Q: When does Corvina run? A: At 02") == ""  # its only pair was the cut one
+    assert whole_part("qa", "Noted, here they are.\nQ: When does Corvina run? A: At") == ""  # no pair left
+    assert (
+        whole_part("qa", "Q: When does Corvina run? A: At 02:30 UTC.\nQ: Why")
+        == "Q: When does Corvina run? A: At 02:30 UTC."
+    )
+    said = "The fix shipped in firmware 3.1 on Monday. Owners should update soon! Next steps: the team will"
+    assert whole_part("implication", said) == "The fix shipped in firmware 3.1 on Monday. Owners should update soon!"
+    assert whole_part("rephrase", 'He said "it moved to Tallinn." Then the') == 'He said "it moved to Tallinn."'
+    assert whole_part("rephrase", "The Corvina pipeline runs at 3.1") == ""  # no whole sentence at all
+
+
+def test_cut_dreams_train_up_to_their_last_whole_part(home, seeded, monkeypatch):
+    """End to end: dreams that reached the token limit (no EOS at max_new_tokens) are saved and trained without
+    their unfinished tail, one with nothing whole is left out, a dream that ended by itself is kept as written,
+    and the log counts the cut ones."""
+    first, recipe = seeded
+    import sleepctl.dream as d
+    from sleepctl.engines import Rollouts
+
+    tok_eos = []
+
+    class Scripted:
+        def __init__(self, model, tok, *a, **k):
+            tok_eos.append(tok.eos_token_id)
+
+        def generate(self, prompts, *, max_new_tokens, **kw):
+            texts, ids = [], []
+            for p in prompts:
+                if "three questions" in p:  # cut inside its second pair
+                    texts.append("Q: Where is it? A: It is in room Juniper.\nQ: When is it? A: On Thursdays at")
+                    ids.append([5] * max_new_tokens)
+                elif "Restate" in p:  # ended by itself, no full stop: kept as it is
+                    texts.append("Room Juniper on Thursdays")
+                    ids.append([5, tok_eos[-1]])
+                else:  # cut, and not one whole sentence
+                    texts.append("Whoever reports there should")
+                    ids.append([5] * max_new_tokens)
+            return Rollouts(prompt_ids=[[] for _ in texts], completion_ids=ids, texts=texts)
+
+    monkeypatch.setattr(d, "HFEngine", Scripted)
+    monkeypatch.setattr(d, "grounded_dream", lambda kind, text, source: {})  # not what this test is about
+    monkeypatch.setattr(d, "invented", lambda text, source: [])
+    seen: list[list] = []
+    pairs_of = d.dream_pairs
+    monkeypatch.setattr(d, "dream_pairs", lambda dr, t: seen.append(pairs_of(dr, t)) or seen[-1])
+    over = {"dream.kinds": ["qa", "rephrase", "implication"], "dream.temperature": 0.6, "dream.grounded": True}
+    res = dream(str(recipe), home=home, show_progress=False, overrides=over)
+    run = Path(open_store(home).run(res.run_id).dir)
+    dreams = json.loads((run / "dreams.json").read_text())
+    assert {x["kind"] for x in dreams} == {"qa", "rephrase"}  # every implication was cut with nothing whole
+    for x in dreams:
+        if x["kind"] == "qa":
+            assert x["cut"] and x["text"] == "Q: Where is it? A: It is in room Juniper."
+        else:
+            assert not x["cut"] and x["text"] == "Room Juniper on Thursdays"
+    trained = [p.answer for group in seen for p in group]
+    assert trained and not any("Thursdays at" in a for a in trained)
+    cut = sum(x["cut"] for x in dreams)
+    log = (home / "logs" / "dream.log").read_text()
+    assert f"{cut} of them reached the token limit (dream.max_new_tokens 8): each trains" in log
+
+    # with the checks off (a random model's dreams, as in the other tests) a cut dream is kept as it was written
+    seen.clear()
+    loose = dream(str(recipe), home=home, show_progress=False, overrides={**over, "dream.grounded": False})
+    run = Path(open_store(home).run(loose.run_id).dir)
+    texts = {x["kind"]: x["text"] for x in json.loads((run / "dreams.json").read_text())}
+    assert texts["implication"] == "Whoever reports there should" and texts["qa"].endswith("On Thursdays at")
 
 
 def test_combined_dreams_join_memories_that_share_a_name():
