@@ -28,7 +28,7 @@ from rich.table import Table
 
 from sleepctl import record
 from sleepctl.dream import dream
-from sleepctl.evaluate import EvalReport, evaluate
+from sleepctl.evaluate import EvalReport, evaluate, rescored
 from sleepctl.memories import open_store
 from sleepctl.recipe import parse_overrides
 from sleepctl.seed import SeedResult, seed
@@ -119,7 +119,7 @@ def one_run(args, home: Path, ov: dict, con: Console) -> dict | None:
     ro = [r["rollout/tokens_per_s"] for r in rows if r.get("rollout/tokens_per_s")]
     t1 = time.time()
     saved = Path(run.dir) / "eval.json"
-    ev = EvalReport.model_validate_json(saved.read_text()) if saved.exists() else None
+    ev = rescored(EvalReport.model_validate_json(saved.read_text())) if saved.exists() else None  # as scored today
     want_sft = not args.no_baselines
     if ev is None or (want_sft and "naive-sft" not in ev.perplexity):  # a finished evaluation is reused
         ev = evaluate(seed_adapter.id, home=home, baselines=want_sft, keep_outputs=True)

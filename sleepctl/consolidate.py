@@ -53,7 +53,7 @@ from .runs import (
     start_run,
     sweep,
 )
-from .scoring import answer_match
+from .scoring import SCORING_VERSION, recalled
 from .seed import check_stack, engines_for, load_teacher, vllm_check
 from .store import Store
 from .training import add_lora, make_optimizer, peak_memory_mb
@@ -241,9 +241,8 @@ def _run(
     groups = _night_groups(stack, heldout)
     texts = reference_paragraphs(cfg.eval.ppl_paragraphs)
     before_path = rf.path / "before.json"
-    if before_path.exists():
-        before = json.loads(before_path.read_text())
-    else:
+    before = json.loads(before_path.read_text()) if before_path.exists() else {}
+    if before.get("scoring") != SCORING_VERSION:  # none yet, or scored by a rule an upgrade replaced
         ref, _ = load_model(student_name, tr.device, cfg.dtype(cfg.student))
         from .adapters import attach_stack
 
@@ -253,6 +252,7 @@ def _run(
             eng.serve(stack_state(), key=f"stack:{current}")
         before = _gate(ref, s_tok, groups, texts, cfg, eng)
         before["kl_drift"] = kl_drift(ref, s_tok, cfg)
+        before["scoring"] = SCORING_VERSION
         before_path.write_text(json.dumps(before))
         del ref
     lap("gate_before")
@@ -412,7 +412,7 @@ def _gate(model, tok, groups: dict[str, list[Probe]], texts: list[str], cfg: Rec
     recall: dict[str, float | None] = {}
     for g, ps in groups.items():
         outs = answer(model, tok, ps, cfg, engine=eng)
-        recall[g] = sum(answer_match(o, p.answer, p.question) for o, p in zip(outs, ps)) / len(ps)
+        recall[g] = sum(recalled(o, p.answer, p.question, p.origin) for o, p in zip(outs, ps)) / len(ps)
     return {"recall": recall, "ppl": perplexity(model, tok, texts)}
 
 

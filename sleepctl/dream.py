@@ -66,7 +66,7 @@ from .runs import (
     start_run,
     sweep,
 )
-from .scoring import answer_match, token_f1
+from .scoring import SCORING_VERSION, recalled, token_f1
 from .store import Store, now
 from .training import add_lora, make_optimizer
 
@@ -233,6 +233,9 @@ def qa_pairs(text: str) -> list[tuple[str, str]]:
     return [(q.strip(), a.strip()) for q, a in found if q.strip() and a.strip()]
 
 
+EMPTY_CUT = {"text": "", "invented": [], "cut": True}  # a cut dream with nothing whole in it
+
+
 def whole_part(kind: str, text: str) -> str:
     """What of a dream cut off by the token limit may train: the question-answer pairs before the one it was writing,
     or its text up to the last whole sentence ("" when there is none).
@@ -246,8 +249,16 @@ def whole_part(kind: str, text: str) -> str:
         i = text.rfind("Q:")
         head = text[:i].rstrip() if i > 0 else ""
         return head if qa_pairs(head) else ""
-    ends = list(re.finditer(r"[.!?][\"')\]]*(?=\s)", text))
-    return text[: ends[-1].end()] if ends else ""
+    ends = list(_SENTENCE_END.finditer(text))
+    head = text[: ends[-1].end()] if ends else ""
+    return _LIST_MARK.sub("", head).rstrip()  # "...weekends.\n2." ends on the next item's number, not a sentence
+
+
+# a full stop that ends a sentence: not one of a title ("Dr. Albright", "St. Brendan's") nor a decimal ("3.1")
+_SENTENCE_END = re.compile(
+    r"(?<!\bDr)(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bSt)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)[.!?][\"')\]\u201d\u2019]*(?=\s)"
+)
+_LIST_MARK = re.compile(r"(?:^|\n)\s*(?:\d+[.)]|[-*\u2022])\s*$")
 
 
 def grounded_dream(kind: str, text: str, source: str) -> dict[str, Any]:
@@ -523,10 +534,11 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         lap("write")
         log(f"{len(dreams)} dreams")
         if cut := sum(bool(d.get("cut")) for d in dreams):
+            empty = sum(not d["text"] for d in dreams)
             log(
                 f"{cut} of them reached the token limit (dream.max_new_tokens {dc.max_new_tokens})"
                 + (
-                    ": each trains up to its last whole sentence or question-answer pair (one with none is left out)"
+                    f": each trains up to its last whole sentence or question-answer pair, {empty} with none are left out"
                     if dc.grounded
                     else ""
                 )
@@ -535,7 +547,7 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         # in, and so would one mostly in other words (or, for QA, with no answer that is not)
         made_up = [d for d in dreams if dc.grounded and (d.get("invented") or d.get("grounded") is False)]
         dropped = {d["id"] for d in made_up}
-        usable = [d for d in dreams if d["id"] not in dropped]
+        usable = [d for d in dreams if d["id"] not in dropped and d["text"]]
         if made_up:
             names = sorted({x for d in made_up for x in d["invented"]})[:3]
             log(
@@ -553,8 +565,9 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
         recent_p = [p for p in heldout if p.trace_id in set(recent_ids)]
         replay_p = [p for p in heldout if p.trace_id in set(replay_ids)]
         before = _cached(rf, "before.json")
-        if before is None:
+        if before is None or before.get("scoring") != SCORING_VERSION:  # scored otherwise: not comparable
             before = _gate_recall(model, tok, recent_p, replay_p, cfg, eng, version=-2)
+            before["scoring"] = SCORING_VERSION
             _save(rf, "before.json", before)
         lap("gate_before")
 
@@ -602,8 +615,8 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                 message=(
                     "no dream improved recall; the current adapter is unchanged"
                     if usable
-                    else f"no dream ({len(dreams)}) was grounded in its memories (names, values or words they do not hold); "
-                    "the current adapter is unchanged"
+                    else f"no dream ({len(dreams)}) was grounded in its memories (names, values or words they do not hold) "
+                    "and whole (not cut off by dream.max_new_tokens); the current adapter is unchanged"
                 ),
                 run_id=rf.run.id,
                 memories=len(recent_ids),
@@ -751,6 +764,8 @@ def _write_dreams(
                     cut = len(ids) >= dc.max_new_tokens and ids[-1] != tok.eos_token_id
                     if cut and dc.grounded:
                         text = whole_part(j["kind"], text.strip())
+                        if not text:  # kept in the record, so the log can count it; nothing of it trains
+                            out.append({k: v for k, v in j.items() if k not in ("prompt", "source")} | EMPTY_CUT)
                     if text.strip():
                         said = {"text": text.strip(), "invented": invented(text, j["source"]), "cut": cut}
                         if dc.grounded:
@@ -800,11 +815,11 @@ def gate_worse(before: dict[str, float | None], after: dict[str, float | None], 
 
 @torch.no_grad()
 def _recall(model, tok, probes: list[Probe], cfg: Recipe, eng=None) -> float | None:
-    """Held-out recall, answered and scored exactly as `eval` does (greedy, closed-book, `answer_match`)."""
+    """Held-out recall, answered and scored exactly as `eval` does (greedy, closed-book, `recalled`)."""
     if not probes:
         return None
     outs = answer(model, tok, probes, cfg, engine=eng)
-    return sum(answer_match(o, p.answer, p.question) for o, p in zip(outs, probes)) / len(probes)
+    return sum(recalled(o, p.answer, p.question, p.origin) for o, p in zip(outs, probes)) / len(probes)
 
 
 def _cached(rf: RunFolder, name: str):

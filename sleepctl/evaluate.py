@@ -31,7 +31,7 @@ from .prompts import render
 from .recipe import Recipe, load_recipe, with_overrides
 from .records import Adapter, Probe, Trace
 from .runs import seed_everything
-from .scoring import answer_match, token_f1
+from .scoring import recalled, token_f1
 from .store import Store, new_id
 
 
@@ -150,7 +150,7 @@ def score(method: str, group: str, probes: list[Probe], outputs: list[str], reci
             question=p.question,
             reference=p.answer,
             output=o,
-            contains=answer_match(o, p.answer, p.question),
+            contains=recalled(o, p.answer, p.question, p.origin),
             f1=token_f1(o, p.answer),
         )
         for p, o in zip(probes, outputs)
@@ -369,13 +369,25 @@ def _split_score(
     return res
 
 
+def rescored(r: EvalReport) -> EvalReport:
+    """A saved report scored by today's `recalled`, from the outputs it kept, so that reports written before a
+    change of the rule compare with new ones (the file is left as written; the judge keeps its saved verdicts,
+    whose similarities are not stored)."""
+    for m in r.methods:
+        if m.results and len(m.results) == m.n:
+            for x in m.results:
+                x.contains = recalled(x.output, x.reference, x.question, x.origin)
+            m.contains = sum(x.contains for x in m.results) / m.n
+    return r
+
+
 def _history(st: Store) -> list[dict[str, Any]]:
     """Recall and retention of every earlier evaluated adapter, for the across-sleeps plot."""
     rows = []
     for a in st.adapters():
         p = Path(st.run(a.run_id).dir) / "eval.json"
         if p.exists():
-            r = EvalReport.model_validate_json(p.read_text())
+            r = rescored(EvalReport.model_validate_json(p.read_text()))
             get = {(m.method, m.group): m.contains for m in r.methods}
             rows.append(
                 {"version": a.version, "new": get.get(("sleep", "new")), "retention": get.get(("sleep", "retention"))}
@@ -427,7 +439,7 @@ def load_report(st: Store, ref: str) -> EvalReport:
     p = Path(st.run(a.run_id).dir) / "eval.json"
     if not p.exists():
         raise SleepError(f"adapter v{a.version} has not been evaluated yet", hint=f"sleepctl eval {a.run_id}")
-    return EvalReport.model_validate_json(p.read_text())
+    return rescored(EvalReport.model_validate_json(p.read_text()))
 
 
 def compare_reports(a: str, b: str, *, home: str | os.PathLike | None = None) -> list[dict[str, Any]]:

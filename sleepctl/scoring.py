@@ -46,21 +46,66 @@ def contains_match(prediction: str, reference: str) -> bool:
     return f" {ref} " in f" {normalize(prediction)} "
 
 
+# What `recalled` means, for a cached gate measurement: 2 since teacher probes are matched on what they add.
+SCORING_VERSION = 2
+
+_INFLECTION = re.compile(r"(?:ing|ed|es|e|s|d)$")
+_NAMING = {"called", "named"}  # "the tool was called Paper Lantern": words that only introduce the answer
+
+
+def _stem(word: str) -> str:
+    """A light stem, only to see that "starts" and "approved" are the question's "start" and "approve" (and that
+    "called" answers "name")."""
+    if word in _NAMING or word in ("name", "names"):
+        return "name"
+    return _INFLECTION.sub("", word) if len(word) > 3 else word
+
+
 def answer_match(prediction: str, reference: str, question: str) -> bool:
     """Contains-match, or, for a reference that restates its question, a match on what it adds to the question.
 
     A teacher writes a probe's answer as a sentence ("The manager mentioned in the note is Fenna Albright." for
     "Who is the manager mentioned in the note?"): "Fenna Albright", or "The rule is proposed by ..." for "The
-    rule was proposed by ...", missed the whole sentence. After a dream that answers tersely, teacher-probe recall
-    read 50% -> 12% on one seed of the real pair, where what the references add read 62% -> 54%. Every content
-    word the reference adds must appear; a reference that shares no content word with its question (a user's
-    "Tallinn") is matched as before.
+    rule was proposed by ...", missed the whole sentence; after a dream that answers tersely, teacher-probe recall
+    read 50% -> 12% on one seed of the real pair. A reference restates its question when it holds more than half of
+    the question's content words (up to inflection); then each run of words it adds must appear as written, the
+    runs in its order: "Fenna Albright replaced Dana Okafor" does not match "Dana Okafor replaced Fenna Albright",
+    nor "June 14 ... March" "March 14". A question offering a choice ("... Fenna or Dana ...") holds its answer,
+    so it is matched as before, as is any reference that does not restate its question (a user's "Tallinn").
     """
     if contains_match(prediction, reference):
         return True
-    ref, asked = content_tokens(reference), content_tokens(question)
-    added = ref - asked
-    return bool(ref & asked) and bool(added) and added <= content_tokens(prediction)
+    asked = {_stem(w) for w in content_tokens(question)}
+    if not asked or " or " in f" {normalize(question)} ":
+        return False
+    spans: list[list[str]] = [[]]
+    shared: set[str] = set()
+    for w in normalize(reference).split():
+        if w in _STOPWORDS or w in _NAMING or _stem(w) in asked:
+            if _stem(w) in asked:
+                shared.add(_stem(w))
+            if spans[-1]:
+                spans.append([])
+        else:
+            spans[-1].append(w)
+    spans = [x for x in spans if x]
+    if not spans or 2 * len(shared) <= len(asked):
+        return False
+    said, at = f" {normalize(prediction)} ", 0
+    for x in spans:  # each run, after the one before it
+        at = said.find(f" {' '.join(x)} ", at)
+        if at < 0:
+            return False
+        at += len(" ".join(x)) + 1
+    return True
+
+
+def recalled(prediction: str, reference: str, question: str, origin: str) -> bool:
+    """Whether an answer recalls a probe: a user's answer, short and the user's own words, by contains-match; a
+    teacher's, a sentence, by what it adds to its question."""
+    if origin == "teacher":
+        return answer_match(prediction, reference, question)
+    return contains_match(prediction, reference)
 
 
 def token_f1(prediction: str, reference: str) -> float:

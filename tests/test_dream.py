@@ -146,6 +146,28 @@ def test_regression_is_kept_but_not_current(home, seeded, monkeypatch):
         assert st.adapter(res.adapter_id).kind == "dream"  # kept, available to `adapters use`
 
 
+def test_a_gate_measured_under_an_earlier_scoring_rule_is_measured_again(home, seeded, monkeypatch):
+    """A run resumed after an upgrade changed how recall is scored does not compare its saved "before" with an
+    "after" scored otherwise."""
+    first, recipe = seeded
+    import sleepctl.dream as d
+    from sleepctl.scoring import SCORING_VERSION
+
+    score = d.dream_scores
+    monkeypatch.setattr(d, "dream_scores", lambda *a: None)  # out of time while selecting: "before" is saved
+    cut = dream(str(recipe), home=home, show_progress=False)
+    assert cut.status == "stopped"
+    run = Path(open_store(home).run(cut.run_id).dir)
+    saved = json.loads((run / "before.json").read_text())
+    assert saved["scoring"] == SCORING_VERSION
+    del saved["scoring"]
+    saved["recall"] = 0.99  # as a run of the earlier rule saved it
+    (run / "before.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(d, "dream_scores", score)
+    res = dream(str(recipe), home=home, show_progress=False)
+    assert res.run_id == cut.run_id and res.before["recall"] != 0.99 and res.before["scoring"] == SCORING_VERSION
+
+
 def test_a_dream_that_drifts_is_not_made_current(home, seeded, monkeypatch):
     """Recall held, general perplexity up past `dream.ppl_tolerance`: kept, not current, and the message says why."""
     first, recipe = seeded
@@ -413,6 +435,12 @@ def test_a_dream_cut_by_the_token_limit_keeps_its_whole_sentences_and_pairs():
     assert whole_part("implication", said) == "The fix shipped in firmware 3.1 on Monday. Owners should update soon!"
     assert whole_part("rephrase", 'He said "it moved to Tallinn." Then the') == 'He said "it moved to Tallinn."'
     assert whole_part("rephrase", "The Corvina pipeline runs at 3.1") == ""  # no whole sentence at all
+    listed = "Those on call lose weekends.\n2. The rota moves to Imani\n3."
+    assert whole_part("implication", listed) == "Those on call lose weekends."  # not the next item's number
+    assert whole_part("rephrase", "Meet Dr. Albright in St. Brendan's hall at noon. Then") == (
+        "Meet Dr. Albright in St. Brendan's hall at noon."
+    )
+    assert whole_part("rephrase", "1. Meet Dr. Albright") == ""
 
 
 def test_cut_dreams_train_up_to_their_last_whole_part(home, seeded, monkeypatch):
@@ -453,9 +481,12 @@ def test_cut_dreams_train_up_to_their_last_whole_part(home, seeded, monkeypatch)
     res = dream(str(recipe), home=home, show_progress=False, overrides=over)
     run = Path(open_store(home).run(res.run_id).dir)
     dreams = json.loads((run / "dreams.json").read_text())
-    assert {x["kind"] for x in dreams} == {"qa", "rephrase"}  # every implication was cut with nothing whole
+    assert {x["kind"] for x in dreams} == {"qa", "rephrase", "implication"}
     for x in dreams:
-        if x["kind"] == "qa":
+        if x["kind"] == "implication":  # cut with nothing whole: recorded, not scored, kept or trained
+            assert x["cut"] and x["text"] == ""
+            assert x["id"] not in json.loads((run / "scores.json").read_text())
+        elif x["kind"] == "qa":
             assert x["cut"] and x["text"] == "Q: Where is it? A: It is in room Juniper."
         else:
             assert not x["cut"] and x["text"] == "Room Juniper on Thursdays"
@@ -463,13 +494,16 @@ def test_cut_dreams_train_up_to_their_last_whole_part(home, seeded, monkeypatch)
     assert trained and not any("Thursdays at" in a for a in trained)
     cut = sum(x["cut"] for x in dreams)
     log = (home / "logs" / "dream.log").read_text()
-    assert f"{cut} of them reached the token limit (dream.max_new_tokens 8): each trains" in log
+    empty = sum(x["kind"] == "implication" for x in dreams)
+    assert empty and f"{cut} of them reached the token limit (dream.max_new_tokens 8): each trains" in log
+    assert f"{empty} with none are left out" in log
 
     # with the checks off (a random model's dreams, as in the other tests) a cut dream is kept as it was written
     seen.clear()
     loose = dream(str(recipe), home=home, show_progress=False, overrides={**over, "dream.grounded": False})
     run = Path(open_store(home).run(loose.run_id).dir)
     texts = {x["kind"]: x["text"] for x in json.loads((run / "dreams.json").read_text())}
+    assert all(x["cut"] == (x["kind"] != "rephrase") for x in json.loads((run / "dreams.json").read_text()))
     assert texts["implication"] == "Whoever reports there should" and texts["qa"].endswith("On Thursdays at")
 
 

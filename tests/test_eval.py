@@ -146,3 +146,28 @@ def test_eval_scores_a_teacher_probe_by_what_its_answer_adds_to_the_question():
     r = score("sleep", "new", probes, ["Fenna Albright", "Dana Okafor", "In Tallinn."], recipe)
     assert [x.contains for x in r.results] == [True, False, True]
     assert r.contains == pytest.approx(2 / 3)
+
+
+def test_saved_reports_are_compared_as_scored_today(home, seeded):
+    """A report written under the strict rule compares with new ones: its kept outputs are scored again on load,
+    and the file stays as it was written."""
+    from sleepctl.evaluate import compare_reports
+
+    res, _ = seeded
+    r = evaluate(home=home)
+    saved = json.loads(Path(r.path).read_text())
+    sleep = next(m for m in saved["methods"] if m["method"] == "sleep")
+    for x in sleep["results"]:  # as a report of the strict rule held a terse right answer to a teacher's sentence
+        x.update(
+            origin="teacher",
+            question="Who is the manager mentioned in the note?",
+            reference="The manager mentioned in the note is Fenna Albright.",
+            output="Fenna Albright",
+            contains=False,
+        )
+    sleep["contains"] = 0.0
+    Path(r.path).write_text(json.dumps(saved))
+    rows = compare_reports(res.run_id, res.run_id, home=home)
+    row = next(x for x in rows if x["method"] == "sleep" and x["group"] == "new")
+    assert row["a_contains"] == row["b_contains"] == 1.0
+    assert json.loads(Path(r.path).read_text())["methods"] == saved["methods"]

@@ -1,6 +1,6 @@
 from sleepctl.grounding import grounded
 from sleepctl.prompts import entities, parse_questions
-from sleepctl.scoring import answer_match, contains_match, normalize, token_f1
+from sleepctl.scoring import answer_match, contains_match, normalize, recalled, token_f1
 
 
 def test_normalize_numbers_and_articles():
@@ -36,27 +36,47 @@ def test_answer_match_reads_a_restated_reference_by_what_it_adds():
     q, ref = "Who is the manager mentioned in the note?", "The manager mentioned in the note is Fenna Albright."
     assert not contains_match("Fenna Albright", ref)  # what the strict match missed after a terse dream
     assert answer_match("Fenna Albright", ref, q)
-    assert answer_match("It is Fenna Albright, who manages the note's team.", ref, q)
+    assert answer_match("It is Fenna Albright, who manages the team.", ref, q)
     assert answer_match(ref, ref, q)
     assert not answer_match("Fenna", ref, q)  # every word the reference adds
     assert not answer_match("The manager mentioned in the note is Dana Okafor.", ref, q)
     q, ref = "When is the Marrow project due?", "The Marrow project is due March 14."
     assert answer_match("March fourteenth", ref, q)
     assert not answer_match("The Marrow project is due on Friday, April 14.", ref, q)
+    assert not answer_match("It is due June 14; it was planned in March.", ref, q)  # as written, not word by word
     q, ref = "When is the rule proposed?", "The rule was proposed by Magnus Oyelaran after the Pelican outage."
     assert answer_match("The rule is proposed by Magnus Oyelaran after the Pelican outage.", ref, q)
     assert not answer_match("The rule is proposed by Magnus Oyelaran.", ref, q)
+    assert not answer_match("After the Pelican outage came Magnus Oyelaran.", ref, q)  # its runs in their order
+    q, ref = "Who replaced whom?", "Fenna Albright replaced Dana Okafor."
+    assert not answer_match("Dana Okafor replaced Fenna Albright.", ref, q)
+    # the question's words up to inflection, and a word that only names the answer, are not asked for again
+    assert answer_match("August 18.", "The offer starts on August 18.", "When does the offer start?")
+    assert answer_match("At 02:30 UTC.", "The pipeline runs at 02:30 UTC.", "When does the pipeline run?")
+    assert answer_match("Paper Lantern", "The tool was called Paper Lantern.", "What was the name of the tool?")
 
 
 def test_answer_match_is_contains_match_for_a_reference_that_does_not_restate_its_question():
     q = "Who moved the Kestrel build server?"
     for out in ("Orla Brennick moved it.", "Brennick, Orla", "Orla", "It was Orla Brennick's team"):
         assert answer_match(out, "Orla Brennick", q) == contains_match(out, "Orla Brennick")
+    # half of the question's words or fewer: not a restatement ("floor 12, room 3" does not give "Room 12")
+    assert not answer_match("It is on floor 12, room 3.", "Room 12", "Which room is the standup in?")
+    # a choice holds its answer: "Dana approved it." does not tell what a restatement adds
+    assert not answer_match("Fenna approved it.", "Dana approved it.", "Did Fenna or Dana approve the delay?")
     # a reference that only repeats its question adds nothing to match on: the strict match decides
     q, ref = "Is the rule proposed?", "The rule is proposed."
     assert not answer_match("Yes.", ref, q)
     assert answer_match("Yes, the rule is proposed.", ref, q)
     assert not answer_match("anything", "", q)
+    assert not answer_match("Fenna Albright", "The manager is Fenna Albright.", "")
+
+
+def test_recalled_reads_user_answers_strictly_and_teacher_sentences_by_what_they_add():
+    q = "Who is the manager mentioned in the note?"
+    assert recalled("Fenna Albright", "The manager mentioned in the note is Fenna Albright.", q, "teacher")
+    assert not recalled("Fenna Albright", "The manager mentioned in the note is Fenna Albright.", q, "user")
+    assert recalled("She is Fenna Albright.", "Fenna Albright", q, "user")
 
 
 def test_token_f1():
