@@ -233,7 +233,9 @@ def qa_pairs(text: str) -> list[tuple[str, str]]:
     return [(q.strip(), a.strip()) for q, a in found if q.strip() and a.strip()]
 
 
-EMPTY_CUT = {"text": "", "invented": [], "cut": True}  # a cut dream with nothing whole in it
+def empty_cut() -> dict[str, Any]:
+    """The record of a cut dream with nothing whole in it: kept so the log counts it; nothing of it trains."""
+    return {"text": "", "invented": [], "cut": True}
 
 
 def whole_part(kind: str, text: str) -> str:
@@ -249,16 +251,19 @@ def whole_part(kind: str, text: str) -> str:
         i = text.rfind("Q:")
         head = text[:i].rstrip() if i > 0 else ""
         return head if qa_pairs(head) else ""
-    ends = list(_SENTENCE_END.finditer(text))
-    head = text[: ends[-1].end()] if ends else ""
-    return _LIST_MARK.sub("", head).rstrip()  # "...weekends.\n2." ends on the next item's number, not a sentence
+    for end in reversed(list(_SENTENCE_END.finditer(text))):
+        if not _LIST_NUMBER.search(text, 0, end.start()):  # "...weekends.\n2." ends on a list item's number
+            return text[: end.end()]
+    return ""
 
 
-# a full stop that ends a sentence: not one of a title ("Dr. Albright", "St. Brendan's") nor a decimal ("3.1")
+# a stop that ends a sentence: followed by a capital, a digit or the end of the text, and not a title's ("Dr.
+# Albright"), an initial's ("Fenna J. Albright") or, at the end of a cut text, a number's ("firmware 3.")
 _SENTENCE_END = re.compile(
-    r"(?<!\bDr)(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bSt)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)[.!?][\"')\]\u201d\u2019]*(?=\s)"
+    r"(?<!\b[A-Z])(?<!\bDr)(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bSt)(?<!\bProf)(?<!\bJr)(?<!\bvs)(?<!\betc)(?<!\be\.g)"
+    r"(?<!\bi\.e)[.!?][\"')\]\u201d\u2019]*(?:(?=\s+[\"'\u201c\u2018(\[]?[A-Z0-9])|(?<!\d[.!?])\Z)"
 )
-_LIST_MARK = re.compile(r"(?:^|\n)\s*(?:\d+[.)]|[-*\u2022])\s*$")
+_LIST_NUMBER = re.compile(r"(?:^|\n)\s*\d+$")
 
 
 def grounded_dream(kind: str, text: str, source: str) -> dict[str, Any]:
@@ -765,7 +770,7 @@ def _write_dreams(
                     if cut and dc.grounded:
                         text = whole_part(j["kind"], text.strip())
                         if not text:  # kept in the record, so the log can count it; nothing of it trains
-                            out.append({k: v for k, v in j.items() if k not in ("prompt", "source")} | EMPTY_CUT)
+                            out.append({k: v for k, v in j.items() if k not in ("prompt", "source")} | empty_cut())
                     if text.strip():
                         said = {"text": text.strip(), "invented": invented(text, j["source"]), "cut": cut}
                         if dc.grounded:

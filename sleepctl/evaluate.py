@@ -377,7 +377,11 @@ def rescored(r: EvalReport) -> EvalReport:
         if m.results and len(m.results) == m.n:
             for x in m.results:
                 x.contains = recalled(x.output, x.reference, x.question, x.origin)
+                if x.judge is not None:  # the judge counts a contains-match as right
+                    x.judge = x.judge or x.contains
             m.contains = sum(x.contains for x in m.results) / m.n
+            if m.judge is not None:
+                m.judge = sum(bool(x.judge) for x in m.results) / m.n
     return r
 
 

@@ -441,6 +441,9 @@ def test_a_dream_cut_by_the_token_limit_keeps_its_whole_sentences_and_pairs():
         "Meet Dr. Albright in St. Brendan's hall at noon."
     )
     assert whole_part("rephrase", "1. Meet Dr. Albright") == ""
+    assert whole_part("rephrase", "It moved. Contact Fenna J. Albright about the") == "It moved."  # not at "J."
+    assert whole_part("rephrase", "It moved to Tallinn.") == "It moved to Tallinn."  # cut right at its end
+    assert whole_part("rephrase", "The fix shipped in firmware 3.") == ""  # a number's point, not a full stop
 
 
 def test_cut_dreams_train_up_to_their_last_whole_part(home, seeded, monkeypatch):
