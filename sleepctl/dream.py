@@ -233,11 +233,6 @@ def qa_pairs(text: str) -> list[tuple[str, str]]:
     return [(q.strip(), a.strip()) for q, a in found if q.strip() and a.strip()]
 
 
-def empty_cut() -> dict[str, Any]:
-    """The record of a cut dream with nothing whole in it: kept so the log counts it; nothing of it trains."""
-    return {"text": "", "invented": [], "cut": True}
-
-
 def whole_part(kind: str, text: str) -> str:
     """What of a dream cut off by the token limit may train: the question-answer pairs before the one it was writing,
     or its text up to the last whole sentence ("" when there is none).
@@ -766,16 +761,16 @@ def _write_dreams(
                     seed=rng.randrange(2**31),
                 )
                 for j, text, ids in zip(chunk, ro.texts, ro.completion_ids):
+                    job = {k: v for k, v in j.items() if k not in ("prompt", "source")}
                     cut = len(ids) >= dc.max_new_tokens and ids[-1] != tok.eos_token_id
-                    if cut and dc.grounded:
-                        text = whole_part(j["kind"], text.strip())
-                        if not text:  # kept in the record, so the log can count it; nothing of it trains
-                            out.append({k: v for k, v in j.items() if k not in ("prompt", "source")} | empty_cut())
-                    if text.strip():
-                        said = {"text": text.strip(), "invented": invented(text, j["source"]), "cut": cut}
+                    text = whole_part(j["kind"], text.strip()) if cut and dc.grounded else text.strip()
+                    if text:
+                        said = {"text": text, "invented": invented(text, j["source"]), "cut": cut}
                         if dc.grounded:
-                            said |= grounded_dream(j["kind"], text.strip(), j["source"])
-                        out.append({k: v for k, v in j.items() if k not in ("prompt", "source")} | said)
+                            said |= grounded_dream(j["kind"], text, j["source"])
+                        out.append(job | said)
+                    elif cut and dc.grounded:  # kept in the record, so the log can count it; nothing of it trains
+                        out.append(job | {"text": "", "invented": [], "cut": True})
     return out
 
 

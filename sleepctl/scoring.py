@@ -94,7 +94,7 @@ def answer_match(prediction: str, reference: str, question: str) -> bool:
         return False
     spans: list[list[str]] = [[]]
     shared: set[str] = set()
-    before = ""
+    before = ""  # the word before, where the question asked it
     for w in normalize(reference).split():
         hit = [a for a in asked if _same_word(w, a)]
         shared.update(hit)
@@ -102,10 +102,10 @@ def answer_match(prediction: str, reference: str, question: str) -> bool:
             if spans[-1]:
                 spans.append([])
         else:
-            if not spans[-1] and w.replace(".", "").isdigit() and before and any(_same_word(before, a) for a in asked):
+            if not spans[-1] and w.replace(".", "").isdigit() and before:
                 spans[-1].append(before)  # "room 12": the number with the question's word in front of it
             spans[-1].append(w)
-        before = w
+        before = w if hit else ""
     spans = [x for x in spans if x]
     if not spans or 2 * len(shared) <= len(set(asked)):
         return False
