@@ -246,6 +246,7 @@ VARIANTS = {  # each change to the seed step, measured against the one before it
     "head": "LM head over completion positions only",
     "bf16": "LM head over completions, LoRA matmuls in bf16 (fp32 master weights)",
     "fused": "+ LoRA added into the base output by one addmm (no separate scale and add)",
+    "compiled": "+ each decoder block compiled (torch.compile, dynamic shapes; training.compile)",
 }
 
 
@@ -256,7 +257,7 @@ def train_step_bench(
 
     from sleepctl.losses import divergence
     from sleepctl.recipe import Optim
-    from sleepctl.training import _fused_linear_class, completion_logits, fuse_lora, make_optimizer
+    from sleepctl.training import _fused_linear_class, compile_layers, completion_logits, fuse_lora, make_optimizer
 
     legacy = variant == "before"
     score = {
@@ -264,15 +265,19 @@ def train_step_bench(
         "head": partial(completion_logits, mixed_precision=False),
         "bf16": completion_logits,
         "fused": completion_logits,
+        "compiled": completion_logits,
     }[variant]
     from peft.tuners.lora.layer import Linear
 
     fused_cls = _fused_linear_class()
     for mod in student_peft.modules():  # the variant decides which LoRA forward runs
-        if variant != "fused" and type(mod) is fused_cls:
+        if variant not in ("fused", "compiled") and type(mod) is fused_cls:
             mod.__class__ = Linear
-    if variant == "fused":
+    if variant in ("fused", "compiled"):
         fuse_lora(student_peft)
+    if variant == "compiled":  # in place: the last variant; both models, as a self-teacher's blocks are the student's
+        compile_layers(student_peft)
+        compile_layers(teacher)
     rng = random.Random(batch)
     s_p, t_p, comps = batch_shapes(rng, batch)
     opt, _ = make_optimizer(student_peft, Optim(lr=1e-5), 100)
@@ -292,7 +297,7 @@ def train_step_bench(
 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step()
+    first = timed(step)  # a compiled variant's compilation (once per mode and model, not per batch size)
     step()
     dt = timed(step, 5)
     dt_t = timed(teacher_only, 5)
@@ -320,6 +325,7 @@ def train_step_bench(
         "variant": variant,
         "change": VARIANTS[variant],
         "step_s": dt,
+        "first_step_s": first,
         "trained_tokens_per_s": trained / dt,
         "processed_tokens_per_s": (sum(s_len) + sum(t_len)) / dt,
         "teacher_scoring_tokens_per_s": sum(t_len) / dt_t,
@@ -693,7 +699,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / ".bench" / "gpu"))
     ap.add_argument("--work", help="scratch folder for the random models (default: a temporary one)")
     ap.add_argument("--tiny", action="store_true", help="toy shapes, runs on CPU: checks the script, measures nothing")
-    ap.add_argument("--profile", action="store_true", help="also write a kernel profile of one seed step (batch 64)")
+    ap.add_argument("--profile", action="store_true", help="also write a kernel profile of the last seed step measured")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"seed-step variants to measure, in order ({', '.join(VARIANTS)})",
+    )
+    ap.add_argument(
+        "--train-batches", default="16,24,64", help="seed-step batch sizes (24: qwen-small-large's batch_size)"
+    )
     ap.add_argument(
         "--parts",
         help="what to measure: hf (HF generate), train (seed step variants), vllm, seed (a full seed on random "
@@ -744,6 +758,18 @@ def main() -> None:
             f"gpu_bench: --gpus {args.gpus}: give process counts from 1"
             + (f" to the {torch.cuda.device_count()} GPUs here" if DEVICE == "cuda" else "")
             + ", comma-separated (1,2)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    bad = [v for v in args.variants.split(",") if v not in VARIANTS]
+    try:
+        train_batches = [int(b) for b in args.train_batches.split(",")]
+    except ValueError:
+        train_batches = [0]
+    if bad or min(train_batches) < 1:
+        print(
+            f"gpu_bench: --variants takes {', '.join(VARIANTS)} and --train-batches positive integers, "
+            f"comma-separated (got --variants {args.variants} --train-batches {args.train_batches})",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -830,9 +856,11 @@ def main() -> None:
     # a seed step: teacher 0.5b scores, student 1.5b + LoRA r=32 trains (the qwen-small-large recipe)
     teacher = peft["0.5b"].get_base_model() if peft else None
     res["train_step"] = []
-    for variant in VARIANTS if "train" in parts else ():
-        for b in (16,) if args.tiny else (16, 64):
-            last = variant == "fused" and b == (16 if args.tiny else 64)
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    batches = [16] if args.tiny else train_batches
+    for variant in variants if "train" in parts else ():
+        for b in batches:
+            last = variant == variants[-1] and b == batches[-1]
             prof_path = out / "seed-step-profile.txt" if args.profile and last else None
             r = train_step_bench(teacher, peft["1.5b"], b, variant, peak, prof_path)
             res["train_step"].append(r)
@@ -934,7 +962,8 @@ def print_table(res: dict) -> None:
         t.add_row(
             f"seed step, batch {r['batch']}, {r['variant']}: {r['change']}",
             f"{r['step_s'] * 1000:.0f} ms, {r['trained_tokens_per_s']:,.0f} trained tok/s, MFU {mfu}"
-            + ("" if r["peak_memory_gb"] is None else f", {r['peak_memory_gb']:.1f} GB"),
+            + ("" if r["peak_memory_gb"] is None else f", {r['peak_memory_gb']:.1f} GB")
+            + (f", first step {r['first_step_s']:.0f} s" if r["variant"] == "compiled" else ""),
         )
         t.add_row(
             f"teacher scoring tok/s, batch {r['batch']}, {r['variant']}", f"{r['teacher_scoring_tokens_per_s']:,.0f}"

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from .training import bf16_compute
+from .training import bf16_compute, eager
 
 
 @dataclass
@@ -77,7 +77,7 @@ class HFEngine:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with bf16_compute(self.model):
+            with bf16_compute(self.model), eager(self.model):
                 gen = self.model.generate(**enc, **kwargs)
             new = gen[:, enc["input_ids"].shape[1] :].tolist()
             for row, ids, mask in zip(new, enc["input_ids"].tolist(), enc["attention_mask"].tolist()):

@@ -145,6 +145,12 @@ class Training(Strict):
         True,
         description="on CUDA, add LoRA's product into the base output in one GEMM (addmm) instead of three kernels",
     )
+    compile: bool = Field(
+        False,
+        description="compile each decoder block of the student (and a separate teacher) for the night's training "
+        "(torch.compile, dynamic shapes): fused kernels, fewer launches, for a one-time compilation at the start; "
+        "sampling stays uncompiled",
+    )
 
 
 class Replay(Strict):

@@ -54,7 +54,7 @@ from .runs import (
     sweep,
 )
 from .store import Store
-from .training import add_lora, make_optimizer, peak_memory_mb
+from .training import add_lora, compile_layers, make_optimizer, peak_memory_mb
 from .vllm_engine import check_logprobs, require_vllm
 
 err = Console(stderr=True, soft_wrap=True)
@@ -274,6 +274,8 @@ def _seed_run(
     engine_info: dict[str, Any] = {"engine": cfg.engine}
     if cfg.engine == "vllm":
         engine_info.update(start_s=s_engine.start_s, logprob_check=vllm_check(s_engine, model, s_tok, examples, cfg))
+    if tr.compile:  # after the teacher data and the replay scores: their forwards are one-offs
+        engine_info["compiled_layers"] = compile_layers(model) + (compile_layers(t_model) if t_model else 0)
     forward = distributed.wrap(model, ranks)  # every gradient-carrying forward: through DDP on several ranks
     objective = SeedObjective(
         model, teacher_model, s_tok, t_tok, s_engine, cfg, contexts, batches, anchor, steps, forward=forward

@@ -96,6 +96,39 @@ def _fused_linear_class():
     return _FUSED
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks (the longest `layers` ModuleList), through PEFT and DDP wrappers alike."""
+    found = [m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
+    return list(max(found, key=len)) if found else []
+
+
+def compile_layers(model) -> int:
+    """Compile each decoder block in place (regional compilation, dynamic shapes); returns how many.
+
+    A seed step of the 1.5B student is many small kernels: per block, norms, rotary, SiLU-gating and LoRA's
+    elementwise work beside a few GEMMs. Inductor fuses them; the blocks share one code object, so one
+    compilation serves all of them (one per mode: training, no-grad, adapters off). Generation runs eager
+    (`eager`): its KV cache changes shape every token and would only recompile.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+@contextmanager
+def eager(model):
+    """Run compiled decoder blocks uncompiled inside this block (sampling with a KV cache)."""
+    held = [(m, m._compiled_call_impl) for m in decoder_layers(model) if m._compiled_call_impl is not None]
+    for m, _ in held:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, fn in held:
+            m._compiled_call_impl = fn
+
+
 @contextmanager
 def bf16_compute(model, enabled: bool = True):
     """On CUDA, run LoRA's matmuls in bf16 while its weights (and the optimizer) stay fp32.

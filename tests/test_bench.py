@@ -157,7 +157,7 @@ def test_gpu_bench_runs_at_toy_size(tmp_path):
     res = json.loads(next(out.glob("gpu-bench-*.json")).read_text())
     assert set(res["hf_rollouts"]) == {"0.5b", "1.5b"}
     assert all(v > 0 for x in res["hf_rollouts"].values() for v in x.values())
-    assert [s["variant"] for s in res["train_step"]] == ["before", "head", "bf16", "fused"]
+    assert [s["variant"] for s in res["train_step"]] == ["before", "head", "bf16", "fused", "compiled"]
     assert all(s["trained_tokens_per_s"] > 0 and s["teacher_scoring_tokens_per_s"] > 0 for s in res["train_step"])
     one, two = res["full_seed"]  # the same seed in one process, then in two under torchrun
     assert [one["gpus"], two["gpus"]] == [1, 2] and one["examples"] == two["examples"]
@@ -174,6 +174,9 @@ def test_gpu_bench_runs_at_toy_size(tmp_path):
     for bad_count in ("0", "1,x"):
         bad = script("gpu_bench.py", *args, "--gpus", bad_count, timeout=120)
         assert bad.returncode == 2 and f"--gpus {bad_count}: give process counts from 1".encode() in bad.stderr
+    for flag, value in (("--variants", "fused,fast"), ("--train-batches", "16,0")):
+        bad = script("gpu_bench.py", *args, flag, value, timeout=120)
+        assert bad.returncode == 2 and b"--variants takes before, head, bf16, fused, compiled" in bad.stderr
     bad = script("gpu_bench.py", *args, "--student", "7b", "--seed-models", "real", timeout=120)
     assert bad.returncode == 2 and b"--seed-models real trains the real 1.5B" in bad.stderr
 

@@ -83,3 +83,33 @@ def test_anchor_kl_in_completion_rows_equals_the_full_sequence_form(tmp_path, ti
     m = mask[:, 1:].bool()
     assert n == int(m.sum()) and kl.item() > 0
     assert kl.item() == pytest.approx(generalized_jsd_loss(full, base, m, beta=0.0).item(), rel=1e-5)
+
+
+def test_compiled_blocks_train_the_same_and_sampling_runs_eager(tmp_path, tiny_dir):
+    """`training.compile`: the same loss and gradient through compiled decoder blocks (student, and the self
+    teacher with its adapters off), while the HF engine's sampling inside the step runs them uncompiled."""
+    from sleepctl.training import compile_layers, decoder_layers
+
+    loss = {"alpha": 1.0, "lmbda": 1.0, "divergence": "forward_kl"}  # on-policy: the step samples through HF
+    rcp = write_recipe(tmp_path / "r.yaml", tiny_dir, loss=loss, anchor={"kl_coef": 0.5, "batch_size": 2})
+    cfg, _ = load_recipe(str(rcp), {"training.merge_forwards": True})
+    model, tok = student(tiny_dir, cfg)
+    eager_loss, eager_grads, _ = loss_and_grads(model, tok, cfg, step=3)
+
+    layers = decoder_layers(model)
+    assert compile_layers(model) == len(layers) == model.config.num_hidden_layers
+    seen = []
+    generate = model.generate
+
+    def watched(*a, **kw):
+        seen.append([m._compiled_call_impl for m in layers])
+        return generate(*a, **kw)
+
+    model.generate = watched
+    compiled_loss, compiled_grads, m = loss_and_grads(model, tok, cfg, step=3)
+    assert m["on_policy"] == 1 and seen and all(f is None for row in seen for f in row)  # sampled eager
+    assert all(layer._compiled_call_impl is not None for layer in layers)  # and compiled again after it
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4, abs=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for n in eager_grads:
+        assert torch.allclose(compiled_grads[n], eager_grads[n], rtol=1e-3, atol=1e-5), n
