@@ -230,7 +230,7 @@ def legacy_completion_logits(model, prompts, completions, pad):
 
     device = next(model.parameters()).device
     ids, attn = pad_right([p + c for p, c in zip(prompts, completions)], pad, device)
-    logits = model(input_ids=ids, attention_mask=attn).logits
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
     T = max(len(c) for c in completions)
     index = torch.zeros((len(prompts), T), dtype=torch.long)
     mask = torch.zeros((len(prompts), T), dtype=torch.bool)
@@ -703,7 +703,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help=f"seed-step variants to measure, in order ({', '.join(VARIANTS)})",
+        help=f"seed-step variants to measure (run in this order: {', '.join(VARIANTS)})",
     )
     ap.add_argument(
         "--train-batches", default="16,24,64", help="seed-step batch sizes (24: qwen-small-large's batch_size)"

@@ -101,7 +101,7 @@ def perplexity(model, tok, texts: list[str], max_len: int = 256, batch_size: int
         enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_len).to(
             device
         )
-        logits = model(**enc).logits[:, :-1].float()
+        logits = model(**enc, use_cache=False).logits[:, :-1].float()
         labels = enc["input_ids"][:, 1:]
         mask = enc["attention_mask"][:, 1:].bool()
         lp = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")

@@ -327,7 +327,7 @@ def pair_nll(model, tok, sysp: str, pairs: list[Pair]) -> tuple[torch.Tensor, to
     for i, s in enumerate(starts):
         labels[i, :s] = -100
     with bf16_compute(model):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     target = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
     return nll.sum(1), (target != -100).sum(1)

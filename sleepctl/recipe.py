@@ -147,9 +147,10 @@ class Training(Strict):
     )
     compile: bool = Field(
         False,
-        description="compile each decoder block of the student (and a separate teacher) for the night's training "
-        "(torch.compile, dynamic shapes): fused kernels, fewer launches, for a one-time compilation at the start; "
-        "sampling stays uncompiled",
+        description="compile each decoder block of the student (and a separate teacher) for the seed's training "
+        "(torch.compile, dynamic shapes): fused kernels, fewer launches, for a compilation at the first forward of "
+        "each mode (training, no-grad, adapters off, eval) in each process; sampling stays uncompiled; dream and "
+        "consolidate train uncompiled",
     )
 
 

@@ -50,7 +50,9 @@ def train_sft(
     def objective(batch: list[list[int]], step: int, rng: random.Random):
         ids, mask = pad_right(batch, tok.pad_token_id, device)
         with bf16_compute(model):
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            loss = model(
+                input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False
+            ).loss
         tokens[0] += int(mask.sum())
         return loss, {"train/tokens": int(mask.sum())}
 

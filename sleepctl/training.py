@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import resource
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -102,17 +103,23 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(max(found, key=len)) if found else []
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, backend: str | Callable = "inductor") -> int:
     """Compile each decoder block in place (regional compilation, dynamic shapes); returns how many.
 
     A seed step of the 1.5B student is many small kernels: per block, norms, rotary, SiLU-gating and LoRA's
-    elementwise work beside a few GEMMs. Inductor fuses them; the blocks share one code object, so one
-    compilation serves all of them (one per mode: training, no-grad, adapters off). Generation runs eager
-    (`eager`): its KV cache changes shape every token and would only recompile.
+    elementwise work beside a few GEMMs. Inductor fuses them; the blocks share one code object, so one graph
+    serves all of them in a mode, compiled at the mode's first forward (training; no-grad; adapters off;
+    the first block, whose input needs no gradient; eval). Those modes together pass dynamo's default of 8
+    graphs per function, after which it runs the rest eager without a word: the limit is raised. Forwards
+    here run without a KV cache (its per-layer state would compile a graph per block), and generation runs
+    eager (`eager`): its cache changes shape every token.
     """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend)
     return len(layers)
 
 
@@ -197,7 +204,10 @@ def completion_logits(
     ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     with bf16_compute(inner, mixed_precision):
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits[:, :T]
+        # no KV cache: nothing generates here, and a cache's per-layer state would recompile compiled blocks
+        logits = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False
+        ).logits[:, :T]
     mask = torch.arange(T).unsqueeze(0) < torch.tensor([len(c) for c in completions]).unsqueeze(1)
     return logits, mask.to(device)
 

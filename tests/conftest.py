@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "memories.jsonl"
 
 
-def tiny_model(path: Path, seed: int = 0, extra_tokens: list[str] | None = None) -> Path:
+def tiny_model(path: Path, seed: int = 0, extra_tokens: list[str] | None = None, layers: int = 2) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,7 +29,7 @@ def tiny_model(path: Path, seed: int = 0, extra_tokens: list[str] | None = None)
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,

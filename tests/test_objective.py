@@ -4,6 +4,7 @@ and the same gradient as one forward each; the anchor's KL in completion rows eq
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -85,30 +86,74 @@ def test_anchor_kl_in_completion_rows_equals_the_full_sequence_form(tmp_path, ti
     assert kl.item() == pytest.approx(generalized_jsd_loss(full, base, m, beta=0.0).item(), rel=1e-5)
 
 
-def test_compiled_blocks_train_the_same_and_sampling_runs_eager(tmp_path, tiny_dir):
-    """`training.compile`: the same loss and gradient through compiled decoder blocks (student, and the self
-    teacher with its adapters off), while the HF engine's sampling inside the step runs them uncompiled."""
+def test_compiled_blocks_train_the_same_and_sampling_runs_eager(tmp_path):
+    """`training.compile`: every block call of a seed step (the self teacher with adapters off, the anchor's
+    base, the student's training pass) runs compiled, for the same loss and gradient, while the HF engine's
+    sampling inside the step runs eager. Twelve blocks: a per-block recompile would pass dynamo's limit and
+    leave blocks eager, which the count catches. A counting backend stands in for inductor (its code
+    generation is torch's to test; what is ours is which calls reach the compiled graphs)."""
     from sleepctl.training import compile_layers, decoder_layers
 
-    loss = {"alpha": 1.0, "lmbda": 1.0, "divergence": "forward_kl"}  # on-policy: the step samples through HF
-    rcp = write_recipe(tmp_path / "r.yaml", tiny_dir, loss=loss, anchor={"kl_coef": 0.5, "batch_size": 2})
-    cfg, _ = load_recipe(str(rcp), {"training.merge_forwards": True})
-    model, tok = student(tiny_dir, cfg)
-    eager_loss, eager_grads, _ = loss_and_grads(model, tok, cfg, step=3)
+    from .conftest import tiny_model
 
+    model_dir = tiny_model(tmp_path / "m12", layers=12)
+    loss = {"alpha": 1.0, "lmbda": 1.0, "divergence": "forward_kl"}  # on-policy: the step samples through HF
+    rcp = write_recipe(tmp_path / "r.yaml", model_dir, loss=loss, anchor={"kl_coef": 0.5, "batch_size": 2})
+    cfg, _ = load_recipe(str(rcp), {"training.merge_forwards": True})
+    model, tok = student(model_dir, cfg)
     layers = decoder_layers(model)
-    assert compile_layers(model) == len(layers) == model.config.num_hidden_layers
-    seen = []
+    sampling, calls = [False], {"eager": 0, "eager_sampling": 0, "compiled": 0, "graphs": 0}
+
+    def count(module, args):
+        calls["eager_sampling" if sampling[0] else "eager"] += 1
+
+    hooks = [layer.register_forward_pre_hook(count) for layer in layers]
     generate = model.generate
 
     def watched(*a, **kw):
         seen.append([m._compiled_call_impl for m in layers])
-        return generate(*a, **kw)
+        sampling[0] = True
+        try:
+            return generate(*a, **kw)
+        finally:
+            sampling[0] = False
 
+    seen: list = []
     model.generate = watched
+    eager_loss, eager_grads, _ = loss_and_grads(model, tok, cfg, step=3)
+    for h in hooks:
+        h.remove()
+    assert calls["eager"] >= 3 * len(layers) and calls["eager_sampling"] > 0  # teacher, anchor, student; sampling
+
+    def counting(gm, example_inputs):
+        calls["graphs"] += 1
+
+        def run(*a):
+            calls["compiled"] += 1
+            return gm.forward(*a)
+
+        return run
+
+    assert compile_layers(model, backend=counting) == len(layers) == 12
+    seen.clear()
     compiled_loss, compiled_grads, m = loss_and_grads(model, tok, cfg, step=3)
     assert m["on_policy"] == 1 and seen and all(f is None for row in seen for f in row)  # sampled eager
     assert all(layer._compiled_call_impl is not None for layer in layers)  # and compiled again after it
+    assert calls["compiled"] == calls["eager"]  # every block call outside sampling ran compiled
+    assert calls["graphs"] <= 4  # one graph a mode, all twelve blocks through it (a KV cache made one per block)
+    # every mode a night's process meets (grad or not, adapters on or off, train or eval, a row alone with no
+    # padding mask) is more graphs than dynamo's default limit of 8: each still runs compiled
+    from itertools import product
+
+    from sleepctl.training import completion_logits
+
+    before, forwards = calls["compiled"], 0
+    for grad, adapters, train, rows in product((True, False), (True, False), (True, False), (1, 3)):
+        model.train(train)
+        with torch.set_grad_enabled(grad), nullcontext() if adapters else model.disable_adapter():
+            completion_logits(model, [[5, 6, 7]] * rows, [[8, 9]] * rows, tok.pad_token_id)
+        forwards += 1
+    assert calls["graphs"] > 8 and calls["compiled"] - before == forwards * len(layers)
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-4, abs=1e-5)
     assert compiled_grads.keys() == eager_grads.keys()
     for n in eager_grads:
