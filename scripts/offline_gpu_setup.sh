@@ -22,15 +22,18 @@
 #   . scripts/offline_gpu_setup.sh save-caches   # at the end of a session: the kernel caches into $OUT
 #
 # Kernel caches: a machine's first vLLM start compiles its LoRA and attention kernels (on an H100, 114 s of a
-# 141 s start); later starts take 5-11 s. `save-caches` packs Triton's, vLLM's and FlashInfer's caches into
-# $OUT/kcache-p* (15 MiB pieces); bring them back here as .pieces/kcache/p*, send them like the others to
-# /tmp/pieces/kcache/, and `prepare` unpacks them before anything starts. H100 and H200 are both sm_90.
+# 141 s start); later starts take 5-11 s. `save-caches` packs Triton's, vLLM's, FlashInfer's and inductor's
+# (`training.compile`) caches into $OUT/kcache-p* (15 MiB pieces); bring them back here as .pieces/kcache/p*,
+# send them like the others to /tmp/pieces/kcache/, and `prepare` unpacks them before anything starts. H100 and
+# H200 are both sm_90.
 #
 # The GGUF -> bf16 conversion (about 3 minutes for the two Qwen models) runs once per machine, in a process
 # of its own session so it outlives the call that started it: the remaining pieces travel meanwhile.
 # Source its exports: every later command needs the same SLEEPCTL_CACHE, SLEEPCTL_JUDGE_DIR and PYTHONPATH.
 set -eo pipefail
 export SLEEPCTL_CACHE=/tmp/slcache SLEEPCTL_JUDGE_DIR=/tmp/minilm_model HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# inductor's kernels (`training.compile`) beside the others under $HOME, so that save-caches takes them too
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/torchinductor}
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$SLEEPCTL_CACHE/models/gguf" /tmp/site
 phase=${1:-all}
@@ -97,7 +100,7 @@ if [ "$phase" = finish ] || [ "$phase" = all ]; then
 fi
 
 if [ "$phase" = save-caches ]; then  # relative to $HOME, where Triton, vLLM and FlashInfer keep them by default
-  dirs=$(cd "$HOME" && for d in .triton/cache .cache/vllm .cache/flashinfer; do if [ -d "$d" ]; then echo "$d"; fi; done)
+  dirs=$(cd "$HOME" && for d in .triton/cache .cache/vllm .cache/flashinfer .cache/torchinductor; do if [ -d "$d" ]; then echo "$d"; fi; done)
   if [ -n "$dirs" ]; then
     (cd "$HOME" && tar -czf - $dirs) | split -b 15m -d - "${OUT:?set OUT}/kcache-p"
     ls -la "$OUT"/kcache-p*
