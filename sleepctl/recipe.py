@@ -149,7 +149,7 @@ class Training(Strict):
         False,
         description="compile each decoder block of the student (and a separate teacher) for the seed's training "
         "(torch.compile, dynamic shapes): fused kernels, fewer launches, for a compilation at the first forward of "
-        "each mode (training, no-grad, adapters off, eval) in each process; sampling stays uncompiled; dream and "
+        "each mode (training, no-grad, adapters off) in each process; sampling stays uncompiled; dream and "
         "consolidate train uncompiled",
     )
 

@@ -54,7 +54,7 @@ from .runs import (
     sweep,
 )
 from .store import Store
-from .training import add_lora, compile_layers, make_optimizer, peak_memory_mb
+from .training import add_lora, compile_layers, eager, make_optimizer, peak_memory_mb
 from .vllm_engine import check_logprobs, require_vllm
 
 err = Console(stderr=True, soft_wrap=True)
@@ -306,7 +306,8 @@ def _seed_run(
         distributed.gather(ranks, peak_memory_mb(next(model.parameters()).device))  # the trainers' own peaks
         distributed.barrier(ranks)  # until rank 0 has published
         return SeedResult(status="done", message=f"rank {ranks.rank} trained its share", run_id=rf.run.id)
-    drift = kl_drift(model, s_tok, cfg)
+    with eager(model):  # a few forwards in modes of their own: not worth their compilations
+        drift = kl_drift(model, s_tok, cfg)
     peaks = distributed.gather(ranks, peak_memory_mb(next(model.parameters()).device))  # the drift check included
     wall = time.time() - t_start
     peak = peaks[0]

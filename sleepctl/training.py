@@ -109,15 +109,21 @@ def compile_layers(model, backend: str | Callable = "inductor") -> int:
     A seed step of the 1.5B student is many small kernels: per block, norms, rotary, SiLU-gating and LoRA's
     elementwise work beside a few GEMMs. Inductor fuses them; the blocks share one code object, so one graph
     serves all of them in a mode, compiled at the mode's first forward (training; no-grad; adapters off;
-    the first block, whose input needs no gradient; eval). Those modes together pass dynamo's default of 8
+    the first block, whose input needs no gradient; eval). Those modes can pass dynamo's default of 8
     graphs per function, after which it runs the rest eager without a word: the limit is raised. Forwards
     here run without a KV cache (its per-layer state would compile a graph per block), and generation runs
     eager (`eager`): its cache changes shape every token.
     """
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    cfg = torch._dynamo.config  # the limit's name before torch 2.7: cache_size_limit
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
     layers = decoder_layers(model)
+    if not layers:
+        from .errors import RecipeError
+
+        raise RecipeError("training.compile: no decoder blocks (a `layers` list) found in this model")
     for layer in layers:
         layer.compile(dynamic=True, backend=backend)
     return len(layers)

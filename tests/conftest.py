@@ -131,6 +131,17 @@ def wait_for_lines(home: Path, pattern: str, lines: int, timeout: float = 300) -
     return None
 
 
+@pytest.fixture
+def dynamo_clean():
+    """A test that compiles leaves no graphs and no raised recompile limit to the tests after it."""
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    yield
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = limit
+
+
 def randomize_lora_b(model, std: float) -> None:
     """A trained-looking adapter: a fresh one (B = 0) changes nothing, so A gets no gradient and every KL is 0."""
     import torch

@@ -86,7 +86,7 @@ def test_anchor_kl_in_completion_rows_equals_the_full_sequence_form(tmp_path, ti
     assert kl.item() == pytest.approx(generalized_jsd_loss(full, base, m, beta=0.0).item(), rel=1e-5)
 
 
-def test_compiled_blocks_train_the_same_and_sampling_runs_eager(tmp_path):
+def test_compiled_blocks_train_the_same_and_sampling_runs_eager(tmp_path, dynamo_clean):
     """`training.compile`: every block call of a seed step (the self teacher with adapters off, the anchor's
     base, the student's training pass) runs compiled, for the same loss and gradient, while the HF engine's
     sampling inside the step runs eager. Twelve blocks: a per-block recompile would pass dynamo's limit and

@@ -64,6 +64,34 @@ def test_seed_writes_adapter_registry_and_marks_memories(home, tmp_path, tiny_di
     assert any("lora_A" in n for n, _ in m.named_parameters())
 
 
+def test_seed_with_training_compile_trains_through_compiled_blocks(
+    home, tmp_path, tiny_dir, small_memories, monkeypatch, dynamo_clean
+):
+    """`training.compile`: the seed compiles the student's blocks before its loop, trains through them and
+    records how many it compiled (a counting backend stands in for inductor's minutes of C++ here)."""
+    import sleepctl.seed as seed_mod
+    from sleepctl.training import compile_layers
+
+    calls = []
+
+    def counting(gm, example_inputs):
+        def run(*a):
+            calls.append(1)
+            return gm.forward(*a)
+
+        return run
+
+    monkeypatch.setattr(seed_mod, "compile_layers", lambda model: compile_layers(model, backend=counting))
+    record([small_memories], home=home)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
+    res = seed(str(recipe), home=home, show_progress=False, overrides={"training.compile": True})
+    assert res.status == "done" and res.steps == 4
+    summary = json.loads((Path(res.run_dir) / "summary.json").read_text())
+    assert summary["engine"]["compiled_layers"] == 2  # the tiny student's two blocks
+    assert len(calls) >= 4 * 2 * 2  # four steps, two blocks, the teacher's and the student's forward at least
+    assert len(_metrics(res.run_dir)) == 4
+
+
 def test_nothing_to_consolidate(home, tmp_path, tiny_dir, small_memories):
     record([small_memories], home=home)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_dir)
