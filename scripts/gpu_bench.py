@@ -266,20 +266,17 @@ def train_step_bench(
     from sleepctl.training import _fused_linear_class, compile_layers, completion_logits, fuse_lora, make_optimizer
 
     legacy = variant == "before"
-    score = {
+    score = {  # bf16 on: completion_logits as the seed calls it
         "before": legacy_completion_logits,
         "head": partial(completion_logits, mixed_precision=False),
-        "bf16": completion_logits,
-        "fused": completion_logits,
-        "compiled": completion_logits,
-    }[variant]
+    }.get(variant, completion_logits)
     from peft.tuners.lora.layer import Linear
 
-    fused_cls = _fused_linear_class()
+    fused, fused_cls = variant in ("fused", "compiled"), _fused_linear_class()  # compiled builds on fused
     for mod in student_peft.modules():  # the variant decides which LoRA forward runs
-        if variant not in ("fused", "compiled") and type(mod) is fused_cls:
+        if not fused and type(mod) is fused_cls:
             mod.__class__ = Linear
-    if variant in ("fused", "compiled"):
+    if fused:
         fuse_lora(student_peft)
     if variant == "compiled":  # in place: the last variant; both models, as a self-teacher's blocks are the student's
         compile_layers(student_peft, backend)
