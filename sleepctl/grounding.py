@@ -63,11 +63,13 @@ _ANY_NUMBER = re.compile(r"\d[\d,.:]*\d|\d")
 
 
 def _held_values(source: str) -> set[str]:
-    """Every value the source holds, as a reader would also write it: numbers inside codes and dates ("v4.18.0",
+    """Every value the source holds, as a reader would also write it: codes whole ("INC-778") and the numbers
+    inside codes and dates ("v4.18.0",
     "2026-03-14"), number words ("three" is 3), and a time in both clocks ("14:30" is also 2:30, "9:00" is 9)."""
     source = _LIST_MARK.sub("", source)
     said = (source, alpha2digit(source, "en"), alpha2digit(source.replace("-", " "), "en"))  # "a three-day offsite"
     held = {_plain_value(v) for text in said for v in _ANY_NUMBER.findall(text)}
+    held |= {_plain_value(v) for v in values(source)}  # whole codes: "QX-5530" is held, not only its 5530
     for v in list(held):
         if m := re.fullmatch(r"(\d{1,2}):(\d{2})", v):
             h = int(m.group(1))
@@ -155,4 +157,4 @@ def invented(text: str, source: str) -> list[str]:
             out.append(" ".join(run[1:] if lead else run))
             break
         i = j
-    return out
+    return list(dict.fromkeys(out))  # a code is a value and a capitalised word: said once

@@ -88,6 +88,8 @@ def test_the_reviewers_rewritings_of_a_memorys_names_and_values_are_not_inventio
         ("Production runs version 4.18.0.", "Production runs v4.18.0 now."),
         ("The pipeline runs at 2:30 PM.", "The pipeline runs at 14:30."),
         ("The standup is at 9 AM.", "Standup moved to 9:00."),
+        ("The booking reference is QX-5530.", "reference QX-5530, coach 6"),  # a code the memory holds, whole
+        ("Room G-41 is free.", "The spectrometer moved out of room G-41 (ticket INC-778)."),
     ]
     assert [t for t, s in faithful if invented(t, s)] == []
     made_up = [
@@ -95,6 +97,8 @@ def test_the_reviewers_rewritings_of_a_memorys_names_and_values_are_not_inventio
         ("Stormpetrel is based in Germany.", "The Stormpetrel robot arm failed calibration.", ["Germany"]),
         ("According to memory 2, Tomasz is on call.", "Tomasz is on call.", ["2"]),
         ("The pipeline runs at 3:30 PM.", "The pipeline runs at 14:30.", ["3:30"]),
+        ("The booking reference is QX-5531.", "reference QX-5530, coach 6", ["QX-5531"]),
+        ("It is in room GX-41.", "The spectrometer is in room G-41.", ["GX-41"]),
     ]
     assert [invented(t, s) for t, s, _ in made_up] == [want for _, _, want in made_up]
 
