@@ -30,6 +30,7 @@ from .prompts import (
     restatement,
     restatement_prompts,
     shared_names,
+    tool_preambles,
     turn_replies,
     uncited,
     user_turns,
@@ -37,7 +38,7 @@ from .prompts import (
 )
 from .recipe import Recipe
 from .records import Probe, Trace
-from .scoring import bag_f1, contains_match, token_bag, token_f1
+from .scoring import bag_f1, contains_match, content_tokens, token_bag, token_f1
 from .store import Store, new_id, now
 
 
@@ -312,6 +313,15 @@ def answers_of(recipe: Recipe, ro, t_tok) -> list[str]:
 
 
 CITES_MEMORIES = "talks about its memories"  # a dropped answer's reason, counted apart in the seed's summary
+STALLS = "says only what the chat said before a tool result"
+
+
+def stalls(answer: str, t: Trace) -> bool:
+    """The answer is the chat's announcement of a lookup ("Reading the job's logs."), or part of it: a replay
+    that stopped before the tool result. Taught, the student answers a question by announcing a lookup it
+    cannot make, which is what naive SFT on tool-using chats learns (the CPU demo: every answer of it)."""
+    said = content_tokens(answer)
+    return bool(said) and any(said <= content_tokens(p) for p in tool_preambles(t))
 
 
 def grounded_examples(
@@ -341,6 +351,8 @@ def grounded_examples(
                 why = "states " + ", ".join(made_up)
             elif recipe.data.grounded_only and cites_memories(a, source):
                 why = CITES_MEMORIES
+            elif recipe.data.transcript_copies == "reply" and stalls(a, t):
+                why = STALLS
             if why is None:
                 samples.append(a)
             elif dropped is not None:

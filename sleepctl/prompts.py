@@ -358,6 +358,13 @@ def turn_replies(trace: Trace) -> dict[str, str]:
     return out
 
 
+def tool_preambles(trace: Trace) -> list[str]:
+    """What the assistant said just before a tool result of a recorded chat ("Checking the pager rota."): words
+    that announce a lookup and hold none of its answer."""
+    msgs = [m for m in trace.messages or [] if m.content.strip()]
+    return [a.content.strip() for a, b in zip(msgs, msgs[1:]) if a.role == "assistant" and b.role == "tool"]
+
+
 def user_turns(trace: Trace) -> list[str]:
     if not trace.messages:
         return []

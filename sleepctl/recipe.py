@@ -86,7 +86,8 @@ class Data(Strict):
     transcript_copies: Literal["reply", "keep"] = Field(
         "reply",
         description="a teacher answer that replays a chat memory's transcript (tool calls and results): reply "
-        "keeps the reply after the last tool result (none when the replay stops before it); keep: as written",
+        "keeps the reply after the last tool result (none when the replay stops before it, or says only what the chat "
+        "said before a tool result); keep: as written",
     )
     max_prompt_tokens: int = Field(512, ge=16)
     max_new_tokens: int = Field(64, ge=1, le=2048)

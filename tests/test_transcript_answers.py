@@ -122,3 +122,54 @@ def test_a_user_turn_every_answer_to_which_replays_the_chat_learns_the_chats_own
         assert {e.prompt: e.samples for e in kept}["Who is on call for Juddervane this week?"] == [
             REPLAY.rsplit("\n", 1)[0]
         ]
+
+
+def test_an_answer_that_only_announces_the_chats_lookup_is_not_taught(tmp_path, tiny_dir):
+    """Asked the chat's own question, a teacher may answer with what the assistant said before calling the tool
+    ("Checking the pager rota.") and stop: grounded, whole, and useless. Such an answer is left out (the chat's
+    own reply is learned instead); an answer that holds anything more is kept, and `keep` keeps it as written."""
+    import json
+    import random
+
+    from sleepctl import record
+    from sleepctl.data import STALLS, build_data, stalls
+    from sleepctl.memories import open_store
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps(CHAT) + "\n")
+    home = tmp_path / "home"
+    record([src], home=home)
+    with open_store(home) as st:
+        (t,) = st.traces()
+        assert stalls("Checking the pager rota.", t) and stalls("Now checking the rota.", t)
+        assert not stalls("Cormac Hallowby is on the pager rota.", t)  # holds the answer
+        assert not stalls("The rota moves to Tuesdays.", t)  # words of another turn
+        tok = load_tokenizer(str(tiny_dir))
+
+        class Teacher:  # asked the chat's question, it announces the lookup and stops
+            def generate(self, prompts, max_new_tokens, **kw):
+                texts = [
+                    "Where does the rota move?"
+                    if "questions" in p
+                    else "Checking the pager rota."
+                    if "Juddervane this week?" in p[-100:]  # the question asked, not the memory block
+                    else "The rota moves to Tuesdays."
+                    for p in prompts
+                ]
+                return Rollouts([[1]] * len(prompts), [[5, tok.eos_token_id]] * len(prompts), texts)
+
+        over = {"data.probes_per_memory": 0}
+        cfg, _ = load_recipe(str(write_recipe(tmp_path / "r.yaml", tiny_dir)), over)
+        dropped: list = []
+        examples, _ = build_data([t], cfg, Teacher(), tok, st, random.Random(0), 0, None, dropped)
+        by_prompt = {e.prompt: e.samples for e in examples}
+        assert by_prompt["Who is on call for Juddervane this week?"] == [
+            "Cormac Hallowby is primary for Juddervane this week."
+        ]
+        assert not [s for e in examples for s in e.samples if stalls(s, t)]
+        assert [(x["prompt"], x["why"]) for x in dropped] == [("Who is on call for Juddervane this week?", STALLS)]
+        keep, _ = load_recipe(str(tmp_path / "r.yaml"), {**over, "data.transcript_copies": "keep"})
+        kept, _ = build_data([t], keep, Teacher(), tok, st, random.Random(0), 0)
+        assert {e.prompt: e.samples for e in kept}["Who is on call for Juddervane this week?"] == [
+            "Checking the pager rota."
+        ]
