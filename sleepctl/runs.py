@@ -37,7 +37,9 @@ from .store import Store, new_id, now
 
 def versions() -> dict[str, str]:
     """What produced a run: library versions, and the source commit where sleepctl runs from a git checkout (the
-    package version alone does not change between commits, so two runs of "0.1.0" may be different code)."""
+    package version alone does not change between commits, so two runs of "0.1.0" may be different code). The
+    commit is the one this process loaded its code from: a long process (three seeds of scripts/bench.py) whose
+    checkout moves on meanwhile still runs, and names, the code it imported."""
     import importlib.metadata
 
     import peft
@@ -57,7 +59,7 @@ def versions() -> dict[str, str]:
         out["vllm"] = importlib.metadata.version("vllm")  # its metadata only: importing vLLM takes seconds
     except importlib.metadata.PackageNotFoundError:
         pass
-    if commit := source_commit():
+    if commit := _LOADED_FROM:
         out["commit"] = commit
     return out
 
@@ -92,6 +94,9 @@ def source_commit(root: Path | None = None) -> str | None:
         return told
     status = git("status", "--porcelain", "--untracked-files=no")
     return head + ("+dirty" if status != "" else "")  # a status that failed does not vouch for a clean tree
+
+
+_LOADED_FROM = source_commit()
 
 
 def config_hash(obj: Any) -> str:

@@ -337,3 +337,12 @@ def test_source_commit_names_the_checkout_sleepctl_runs_from(tmp_path, monkeypat
     # a copy of the tree without its repository, told its commit; a checkout's own HEAD wins over the variable
     monkeypatch.setenv("SLEEPCTL_SOURCE_COMMIT", "c0ffee")
     assert source_commit(tmp_path) == "c0ffee" and source_commit(repo) == head + "+dirty"
+
+
+def test_a_run_names_the_commit_its_process_loaded_not_where_the_checkout_moved_since(monkeypatch):
+    """scripts/bench.py runs three seeds in one process: a commit made meanwhile is not the code they run."""
+    from sleepctl import runs
+
+    loaded = runs.versions().get("commit")
+    monkeypatch.setattr(runs, "source_commit", lambda root=None: "f" * 40)  # the checkout's HEAD moved on
+    assert runs.versions().get("commit") == loaded != "f" * 40
