@@ -60,6 +60,7 @@ def _plain_value(v: str) -> str:
 
 
 _ANY_NUMBER = re.compile(r"\d[\d,.:]*\d|\d")
+_CODE = re.compile(r"[A-Za-z]+-\d+")  # as the source may write it: "ref:QX-5530", "EU-QX-5530", "qx-5530"
 
 
 def _held_values(source: str) -> set[str]:
@@ -69,7 +70,7 @@ def _held_values(source: str) -> set[str]:
     source = _LIST_MARK.sub("", source)
     said = (source, alpha2digit(source, "en"), alpha2digit(source.replace("-", " "), "en"))  # "a three-day offsite"
     held = {_plain_value(v) for text in said for v in _ANY_NUMBER.findall(text)}
-    held |= {_plain_value(v) for v in values(source)}  # whole codes: "QX-5530" is held, not only its 5530
+    held |= {_plain_value(c) for c in _CODE.findall(source)}  # whole codes: "QX-5530" is held, not only its 5530
     for v in list(held):
         if m := re.fullmatch(r"(\d{1,2}):(\d{2})", v):
             h = int(m.group(1))

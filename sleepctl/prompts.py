@@ -358,11 +358,17 @@ def turn_replies(trace: Trace) -> dict[str, str]:
     return out
 
 
-def tool_preambles(trace: Trace) -> list[str]:
-    """What the assistant said just before a tool result of a recorded chat ("Checking the pager rota."): words
-    that announce a lookup and hold none of its answer."""
+_CALLED = re.compile(r"\[called [^\]]*\]")  # how the importers write a tool call into the assistant's turn
+
+
+def tool_preambles(trace: Trace) -> tuple[list[str], list[str]]:
+    """What the assistant said just before each tool result of a recorded chat ("Checking the pager rota."),
+    without the call itself, and the chat's other turns. A preamble may also hold what an earlier lookup found
+    ("Cormac is primary; looking up his phone.")."""
     msgs = [m for m in trace.messages or [] if m.content.strip()]
-    return [a.content.strip() for a, b in zip(msgs, msgs[1:]) if a.role == "assistant" and b.role == "tool"]
+    before = {i for i, (a, b) in enumerate(zip(msgs, msgs[1:])) if a.role == "assistant" and b.role == "tool"}
+    said = [_CALLED.sub(" ", msgs[i].content).strip() for i in sorted(before)]
+    return [x for x in said if x], [m.content for i, m in enumerate(msgs) if i not in before]
 
 
 def user_turns(trace: Trace) -> list[str]:

@@ -38,8 +38,9 @@ from .store import Store, new_id, now
 def versions() -> dict[str, str]:
     """What produced a run: library versions, and the source commit where sleepctl runs from a git checkout (the
     package version alone does not change between commits, so two runs of "0.1.0" may be different code). The
-    commit is the one this process loaded its code from: a long process (three seeds of scripts/bench.py) whose
-    checkout moves on meanwhile still runs, and names, the code it imported."""
+    commit is the checkout's when this process imported sleepctl: three seeds of scripts/bench.py in one process
+    run the code they imported, whatever is committed meanwhile (a module first imported later, such as the vLLM
+    engine, would be read from the checkout as it is then)."""
     import importlib.metadata
 
     import peft
@@ -59,7 +60,7 @@ def versions() -> dict[str, str]:
         out["vllm"] = importlib.metadata.version("vllm")  # its metadata only: importing vLLM takes seconds
     except importlib.metadata.PackageNotFoundError:
         pass
-    if commit := _LOADED_FROM:
+    if commit := _LOADED_FROM or os.environ.get("SLEEPCTL_SOURCE_COMMIT"):  # the variable, if set after import
         out["commit"] = commit
     return out
 

@@ -90,6 +90,8 @@ def test_the_reviewers_rewritings_of_a_memorys_names_and_values_are_not_inventio
         ("The standup is at 9 AM.", "Standup moved to 9:00."),
         ("The booking reference is QX-5530.", "reference QX-5530, coach 6"),  # a code the memory holds, whole
         ("Room G-41 is free.", "The spectrometer moved out of room G-41 (ticket INC-778)."),
+        ("The booking is QX-5530.", "rail.book() -> ref:QX-5530"),
+        ("The booking is QX-5530.", "booking eu-qx-5530 confirmed"),
     ]
     assert [t for t, s in faithful if invented(t, s)] == []
     made_up = [

@@ -40,10 +40,10 @@ def test_seed_writes_adapter_registry_and_marks_memories(home, tmp_path, tiny_di
     run = Path(res.run_dir)
     for f in ("recipe.yaml", "versions.json", "memory_ids.json", "data.json", "summary.json"):
         assert (run / f).exists(), f
-    from sleepctl.runs import source_commit
+    from sleepctl.runs import _LOADED_FROM
 
     code = json.loads((run / "versions.json").read_text())
-    assert code["transformers"] and code.get("commit") == source_commit()  # the checkout's commit, or none
+    assert code["transformers"] and code.get("commit") == _LOADED_FROM  # the checkout's commit, or none
     with open_store(home) as st:
         a = st.adapter(res.adapter_id)
         assert a.current and a.base_model == str(tiny_dir) and len(a.trace_ids) == 3

@@ -144,6 +144,32 @@ def test_an_answer_that_only_announces_the_chats_lookup_is_not_taught(tmp_path, 
         assert stalls("Checking the pager rota.", t) and stalls("Now checking the rota.", t)
         assert not stalls("Cormac Hallowby is on the pager rota.", t)  # holds the answer
         assert not stalls("The rota moves to Tuesdays.", t)  # words of another turn
+    # an imported chat writes the call into the assistant's turn, and a preamble may hold what a lookup found:
+    # what the rest of the chat also says is an answer ("Heron." asked which cluster; Dana approved)
+    from sleepctl.records import Message, Trace
+
+    def chat(*turns):
+        msgs = [Message(role=r, content=c) for r, c in turns]
+        return Trace(id="m", hash="h", kind="chat", text="", messages=msgs, source="s", created_at="", updated_at="")
+
+    heron = chat(
+        ("user", "Which region is Heron staging in?"),
+        ("assistant", 'Looking it up.\n[called lookup_cluster(cluster="heron", env="staging")]'),
+        ("tool", "[result of lookup_cluster] region: eu-north-1"),
+        ("assistant", "Heron staging runs in eu-north-1."),
+    )
+    assert stalls("Looking it up.", heron)
+    assert not any(stalls(a, heron) for a in ("Heron.", "Heron staging.", "It runs in eu-north-1.", ""))
+    dana = chat(
+        ("user", "Did the Marrow delay get approved?"),
+        ("assistant", "Checking whether Dana Okafor approved it."),
+        ("tool", "approved_by: Dana Okafor"),
+        ("assistant", "Yes."),
+    )
+    assert stalls("Checking whether Dana approved it.", dana)
+    assert not stalls("Dana Okafor approved it.", dana) and not stalls("Dana Okafor.", dana)
+    with open_store(home) as st:
+        (t,) = st.traces()
         tok = load_tokenizer(str(tiny_dir))
 
         class Teacher:  # asked the chat's question, it announces the lookup and stops
