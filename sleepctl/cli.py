@@ -606,20 +606,37 @@ def _pct(x) -> str:
 
 def print_report(r, per_memory: bool = False, samples: int = 4) -> None:
     what = f"adapter v{r.adapter_version}" if r.adapter_version else "no adapter"
+    new = next((m for m in r.methods if m.group == "new"), None)
+    users = sum(x.origin == "user" for x in new.results) if new else 0
+    split = f" ({users} user, {len(new.results) - users} teacher)" if new and new.results else ""
     t = Table(
         title=plain(
-            f"eval of {what} on {r.student}: {r.probes_new} held-out probes"
+            f"eval of {what} on {r.student}: {r.probes_new} held-out probes{split}"
             + (f", {r.probes_retention} retention probes" if r.probes_retention else "")
         )
     )
-    for c in ("method", "probes", "n", "contains", "F1", "judge", "general ppl", "ppl change"):
-        t.add_column(c, justify="right" if c not in ("method", "probes") else "left")
-    for row in r.table():
+    rows = r.table()
+    groups = any(row["group"] != "new" for row in rows)  # the column only where retention rows are there too
+    cols = [
+        "method",
+        *(["probes"] if groups else []),
+        "contains",
+        "user",
+        "teacher",
+        "F1",
+        "judge",
+        "ppl",
+        "ppl change",
+    ]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("method", "probes") else "right", no_wrap=c == "method")
+    for row in rows:
         cells = (
             row["method"],
-            row["group"],
-            str(row["n"]),
+            *([row["group"]] if groups else []),
             _pct(row["contains"]),
+            _pct(row["user"]),  # the probes the user wrote: what a user asks
+            _pct(row["teacher"]),
             f"{row['f1']:.3f}",
             _pct(row["judge"]),
             "-" if row["ppl"] is None else f"{row['ppl']:.2f}",

@@ -56,6 +56,11 @@ class MethodResult(BaseModel):
     judge: float | None = None
     results: list[ProbeResult] = []
 
+    def recall_of(self, origin: str) -> float | None:
+        """Contains-recall on the user's own probes or on the teacher's, apart: a user asks the first kind."""
+        hits = [r.contains for r in self.results if r.origin == origin]
+        return sum(hits) / len(hits) if hits else None
+
 
 class EvalReport(BaseModel):
     target: str | None
@@ -83,6 +88,8 @@ class EvalReport(BaseModel):
                     "group": m.group,
                     "n": m.n,
                     "contains": m.contains,
+                    "user": m.recall_of("user"),
+                    "teacher": m.recall_of("teacher"),
                     "f1": m.f1,
                     "judge": m.judge,
                     "ppl": ppl,

@@ -171,3 +171,34 @@ def test_saved_reports_are_compared_as_scored_today(home, seeded):
     row = next(x for x in rows if x["method"] == "sleep" and x["group"] == "new")
     assert row["a_contains"] == row["b_contains"] == 1.0
     assert json.loads(Path(r.path).read_text())["methods"] == saved["methods"]
+
+
+def test_the_eval_table_gives_user_and_teacher_probes_their_own_columns(capsys):
+    """A user asks the probes they wrote; the teacher's probes mostly restate the memory. The table shows both
+    apart beside the whole, and a method without probes of one origin shows '-' there, not 0%."""
+    from sleepctl import cli
+    from sleepctl.evaluate import EvalReport, MethodResult, ProbeResult
+
+    def res(origin: str, hit: bool) -> ProbeResult:
+        return ProbeResult(
+            probe_id="p", trace_id="m", origin=origin, question="q?", reference="r", output="o", contains=hit, f1=0.0
+        )
+
+    sleep = [res("user", True), res("user", False), res("user", True), res("user", True), res("teacher", False)]
+    methods = [
+        MethodResult(method="sleep", group="new", n=5, contains=0.6, f1=0.0, results=sleep),
+        MethodResult(method="base", group="new", n=1, contains=0.0, f1=0.0, results=[res("user", False)]),
+    ]
+    rep = EvalReport(target=None, adapter_version=1, student="s", probes_new=5, probes_retention=0, methods=methods,
+                     perplexity={})  # fmt: skip
+    rows = {r["method"]: r for r in rep.table()}
+    assert (rows["sleep"]["user"], rows["sleep"]["teacher"]) == (0.75, 0.0)
+    assert (rows["base"]["user"], rows["base"]["teacher"]) == (0.0, None)
+    cli.print_report(rep)
+    text = capsys.readouterr().out
+    head = next(x for x in text.splitlines() if "method" in x)
+    assert [c.strip() for c in head.split("┃")[1:5]] == ["method", "contains", "user", "teacher"]
+    cells = {c[0]: c for c in ([y.strip() for y in x.split("│")[1:-1]] for x in text.splitlines() if "│" in x)}
+    assert cells["sleep"][1:4] == ["60.0%", "75.0%", "0.0%"]
+    assert cells["base"][1:4] == ["0.0%", "0.0%", "-"]
+    assert "(4 user, 1 teacher)" in " ".join(text.split())
