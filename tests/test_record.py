@@ -26,6 +26,20 @@ def test_examples_record_with_probes(home):
     assert again.added == [] and len(again.duplicates) == len(res.added)
 
 
+def test_the_demo_chats_record_whole_with_their_tool_results(home):
+    """make demo's set: four chats whose facts arrive in tool results, every user probe's answer in its chat."""
+    from sleepctl.scoring import contains_match
+
+    res = record([EXAMPLES.parent / "demo-traces.jsonl"], home=home)
+    assert len(res.added) == 4 and res.probes_added == 11
+    with open_store(home) as st:
+        for t in st.traces():
+            assert t.kind == "chat" and t.redactions == 0
+            for p in st.probes([t.id]):
+                assert contains_match(t.text, p.answer), (p.question, p.answer)
+        assert sum(any(m.role == "tool" for m in t.messages) for t in st.traces()) == 3
+
+
 def test_chat_text_and_notes(home, tmp_path):
     chat = tmp_path / "c.jsonl"
     chat.write_text(
