@@ -37,14 +37,16 @@ lint: install
 	$(VENV)/bin/ruff check sleepctl tests scripts
 	$(VENV)/bin/ruff format --check sleepctl tests scripts
 
-# The main job on four tool-using chats (examples/demo-traces.jsonl): record, seed, eval beside naive SFT on the
-# raw memories at the same steps. qwen2.5-coder-0.5b teaches itself (recipes/demo-cpu.yaml): SmolLM2-135M, the quick
+# The main job on four agent chats, three with tool results (examples/demo-traces.jsonl): record, seed, eval beside
+# naive SFT on the raw memories at the same steps. qwen2.5-coder-0.5b teaches itself (recipes/demo-cpu.yaml): SmolLM2-135M, the quick
 # recipe's model, learned next to nothing in 20 minutes.
-# DEMO_MEMORIES: four tool-using chats by default; any file `record` reads instead (README, "The CPU demo").
+# DEMO_MEMORIES: those chats by default; any file `record` reads instead (README, "The CPU demo on tool-using chats").
 DEMO_MEMORIES ?= examples/demo-traces.jsonl
-demo: install-qwen
+demo:
+	@test -f "$(DEMO_MEMORIES)" || { echo "make demo: DEMO_MEMORIES=$(DEMO_MEMORIES): no such file" >&2; exit 2; }
+	$(MAKE) install-qwen
 	rm -rf $(DEMO_HOME)
-	$(VENV)/bin/sleepctl record $(DEMO_MEMORIES) --home $(DEMO_HOME)
+	$(VENV)/bin/sleepctl record "$(DEMO_MEMORIES)" --home $(DEMO_HOME)
 	$(VENV)/bin/sleepctl seed --recipe demo-cpu --home $(DEMO_HOME)
 	$(VENV)/bin/sleepctl eval --baselines --home $(DEMO_HOME)
 

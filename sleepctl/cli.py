@@ -609,41 +609,35 @@ def print_report(r, per_memory: bool = False, samples: int = 4) -> None:
     new = next((m for m in r.methods if m.group == "new"), None)
     users = sum(x.origin == "user" for x in new.results) if new else 0
     split = f" ({users} user, {len(new.results) - users} teacher)" if new and new.results else ""
-    t = Table(
-        title=plain(
-            f"eval of {what} on {r.student}: {r.probes_new} held-out probes{split}"
-            + (f", {r.probes_retention} retention probes" if r.probes_retention else "")
-        )
-    )
     rows = r.table()
-    groups = any(row["group"] != "new" for row in rows)  # the column only where retention rows are there too
-    cols = [
-        "method",
-        *(["probes"] if groups else []),
-        "contains",
-        "user",
-        "teacher",
-        "F1",
-        "judge",
-        "ppl",
-        "ppl change",
-    ]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("method", "probes") else "right", no_wrap=c == "method")
-    for row in rows:
-        cells = (
-            row["method"],
-            *([row["group"]] if groups else []),
-            _pct(row["contains"]),
-            _pct(row["user"]),  # the probes the user wrote: what a user asks
-            _pct(row["teacher"]),
-            f"{row['f1']:.3f}",
-            _pct(row["judge"]),
-            "-" if row["ppl"] is None else f"{row['ppl']:.2f}",
-            "-" if row["ppl_change"] is None else f"{100 * row['ppl_change']:+.1f}%",
-        )
-        t.add_row(*map(plain, cells))
-    out.print(t)
+    titles = {
+        "new": f"eval of {what} on {r.student}: {r.probes_new} held-out probes{split}",
+        "retention": f"retention: {r.probes_retention} probes of memories consolidated by earlier sleeps",
+    }
+    if not rows:
+        out.print(plain(titles["new"]))
+    # one table per group, so that each fits 80 columns (a pipe or CI); general ability is the first one's
+    for group in dict.fromkeys(row["group"] for row in rows):
+        ppl = group == rows[0]["group"]
+        t = Table(title=plain(titles.get(group, group)))
+        for c in ("method", "contains", "user", "teacher", "F1", "judge", *(("ppl", "ppl change") if ppl else ())):
+            t.add_column(c, justify="left" if c == "method" else "right", no_wrap=True)
+        for row in (x for x in rows if x["group"] == group):
+            cells = [
+                row["method"],
+                _pct(row["contains"]),
+                _pct(row["user"]),  # the probes the user wrote: what a user asks
+                _pct(row["teacher"]),
+                f"{row['f1']:.3f}",
+                _pct(row["judge"]),
+            ]
+            if ppl:
+                cells += [
+                    "-" if row["ppl"] is None else f"{row['ppl']:.2f}",
+                    "-" if row["ppl_change"] is None else f"{100 * row['ppl_change']:+.1f}%",
+                ]
+            t.add_row(*map(plain, cells))
+        out.print(t)
     for m in r.methods:
         if m.method in ("sleep", "in-context") and m.group == "new" and m.results:
             out.print(line((m.method, "bold"), ": sample outputs beside their references"))
@@ -701,7 +695,8 @@ def eval_cmd(
 
         def human(rows) -> None:
             t = Table(title=plain(f"{compare[0]}  vs  {compare[1]}"))
-            for c in ("method", "probes", "A contains", "B contains", "A F1", "B F1", "A ppl", "B ppl"):
+            # the user's probes beside the whole (what a user asks); F1 stays in --json
+            for c in ("method", "probes", "A contains", "B contains", "A user", "B user", "A ppl", "B ppl"):
                 t.add_column(c)
             for x in rows:
                 cells = (
@@ -709,8 +704,8 @@ def eval_cmd(
                     x["group"],
                     _pct(x["a_contains"]),
                     _pct(x["b_contains"]),
-                    "-" if x["a_f1"] is None else f"{x['a_f1']:.3f}",
-                    "-" if x["b_f1"] is None else f"{x['b_f1']:.3f}",
+                    _pct(x["a_user"]),
+                    _pct(x["b_user"]),
                     "-" if x["a_ppl"] is None else f"{x['a_ppl']:.2f}",
                     "-" if x["b_ppl"] is None else f"{x['b_ppl']:.2f}",
                 )

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 from rich.console import Console
 
 from . import distributed
@@ -61,6 +61,16 @@ class MethodResult(BaseModel):
         hits = [r.contains for r in self.results if r.origin == origin]
         return sum(hits) / len(hits) if hits else None
 
+    @computed_field
+    @property
+    def user(self) -> float | None:  # in eval.json and --json too
+        return self.recall_of("user")
+
+    @computed_field
+    @property
+    def teacher(self) -> float | None:
+        return self.recall_of("teacher")
+
 
 class EvalReport(BaseModel):
     target: str | None
@@ -87,9 +97,9 @@ class EvalReport(BaseModel):
                     "method": m.method,
                     "group": m.group,
                     "n": m.n,
-                    "contains": m.contains,
-                    "user": m.recall_of("user"),
-                    "teacher": m.recall_of("teacher"),
+                    "contains": m.contains if m.n else None,  # a group without probes has no recall, not 0%
+                    "user": m.user,
+                    "teacher": m.teacher,
                     "f1": m.f1,
                     "judge": m.judge,
                     "ppl": ppl,
@@ -472,6 +482,8 @@ def compare_reports(a: str, b: str, *, home: str | os.PathLike | None = None) ->
                 "group": k[1],
                 "a_contains": x.contains if x else None,
                 "b_contains": y.contains if y else None,
+                "a_user": x.recall_of("user") if x else None,
+                "b_user": y.recall_of("user") if y else None,
                 "a_f1": x.f1 if x else None,
                 "b_f1": y.f1 if y else None,
                 "a_ppl": ra.perplexity.get(k[0]),

@@ -170,6 +170,7 @@ def test_saved_reports_are_compared_as_scored_today(home, seeded):
     rows = compare_reports(res.run_id, res.run_id, home=home)
     row = next(x for x in rows if x["method"] == "sleep" and x["group"] == "new")
     assert row["a_contains"] == row["b_contains"] == 1.0
+    assert row["a_user"] is None  # every probe of it now the teacher's: no user recall to show, not 0%
     assert json.loads(Path(r.path).read_text())["methods"] == saved["methods"]
 
 
@@ -202,3 +203,16 @@ def test_the_eval_table_gives_user_and_teacher_probes_their_own_columns(capsys):
     assert cells["sleep"][1:4] == ["60.0%", "75.0%", "0.0%"]
     assert cells["base"][1:4] == ["0.0%", "0.0%", "-"]
     assert "(4 user, 1 teacher)" in " ".join(text.split())
+    # retention rows get a table of their own, and neither is cut to fit 80 columns; a group without probes has
+    # no recall ('-'), not 0%
+    rep.methods += [
+        MethodResult(method="sleep", group="retention", n=5, contains=1.0, f1=1.0, results=sleep),
+        MethodResult(method="naive-sft", group="new", n=0, contains=0.0, f1=0.0),
+    ]
+    rep.probes_retention, rep.perplexity = 5, {"base": 15.13, "sleep": 21.3, "naive-sft": 49.07}
+    cli.print_report(rep)
+    text = capsys.readouterr().out
+    assert "…" not in text and "+224.3%" in text and "retention: 5 probes" in " ".join(text.split())
+    cells = {c[0]: c for c in ([y.strip() for y in x.split("│")[1:-1]] for x in text.splitlines() if "│" in x)}
+    assert cells["naive-sft"][1:4] == ["-", "-", "-"]
+    assert json.loads(rep.model_dump_json())["methods"][0]["user"] == 0.75  # in eval.json and --json too
