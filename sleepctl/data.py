@@ -319,7 +319,7 @@ STALLS = "says only what the chat said before a tool result"
 def stalls(answer: str, t: Trace) -> bool:
     """The answer is the chat's announcement of a lookup ("Reading the job's logs."), or part of it: a replay
     that stopped before the tool result. Taught, the student answers a question by announcing a lookup it
-    cannot make, which is what naive SFT on tool-using chats learns (the CPU demo: every answer of it).
+    cannot make, which is what naive SFT on tool-using chats learns (the CPU demo: nearly every answer of it).
     An answer the rest of the chat also says ("Dana Okafor approved it." of "Checking whether Dana Okafor
     approved it." and a result saying so; "Heron." of a call's argument) is an answer, not an announcement."""
     said = content_tokens(answer)

@@ -65,8 +65,8 @@ _CODE = re.compile(r"[A-Za-z]+-\d+")  # as the source may write it: "ref:QX-5530
 
 def _held_values(source: str) -> set[str]:
     """Every value the source holds, as a reader would also write it: codes whole ("INC-778") and the numbers
-    inside codes and dates ("v4.18.0",
-    "2026-03-14"), number words ("three" is 3), and a time in both clocks ("14:30" is also 2:30, "9:00" is 9)."""
+    inside codes and dates ("v4.18.0", "2026-03-14"), number words ("three" is 3), and a time in both clocks
+    ("14:30" is also 2:30, "9:00" is 9)."""
     source = _LIST_MARK.sub("", source)
     said = (source, alpha2digit(source, "en"), alpha2digit(source.replace("-", " "), "en"))  # "a three-day offsite"
     held = {_plain_value(v) for text in said for v in _ANY_NUMBER.findall(text)}
