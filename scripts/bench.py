@@ -28,7 +28,7 @@ from rich.table import Table
 
 from sleepctl import record
 from sleepctl.dream import dream
-from sleepctl.evaluate import EvalReport, evaluate, rescored
+from sleepctl.evaluate import EvalReport, evaluate, recall_of, rescored
 from sleepctl.memories import open_store
 from sleepctl.recipe import parse_overrides
 from sleepctl.seed import SeedResult, seed
@@ -68,9 +68,8 @@ def by_origin(results) -> dict:
     """Contains-recall on user-written and on teacher-written probes, apart: they measure different things."""
     out = {}
     for origin in ("user", "teacher"):
-        rs = [r.contains for r in results if r.origin == origin]
-        out[origin] = statistics.mean(rs) if rs else None
-        out[f"{origin}_probes"] = len(rs)
+        out[origin] = recall_of(results, origin)
+        out[f"{origin}_probes"] = sum(r.origin == origin for r in results)
     return out
 
 

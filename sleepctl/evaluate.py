@@ -47,6 +47,12 @@ class ProbeResult(BaseModel):
     judge: bool | None = None
 
 
+def recall_of(results: list[ProbeResult], origin: str) -> float | None:
+    """Contains-recall on the user's own probes or on the teacher's, apart: a user asks the first kind."""
+    hits = [r.contains for r in results if r.origin == origin]
+    return sum(hits) / len(hits) if hits else None
+
+
 class MethodResult(BaseModel):
     method: str
     group: str  # new | retention
@@ -56,20 +62,15 @@ class MethodResult(BaseModel):
     judge: float | None = None
     results: list[ProbeResult] = []
 
-    def recall_of(self, origin: str) -> float | None:
-        """Contains-recall on the user's own probes or on the teacher's, apart: a user asks the first kind."""
-        hits = [r.contains for r in self.results if r.origin == origin]
-        return sum(hits) / len(hits) if hits else None
-
     @computed_field
     @property
     def user(self) -> float | None:  # in eval.json and --json too
-        return self.recall_of("user")
+        return recall_of(self.results, "user")
 
     @computed_field
     @property
     def teacher(self) -> float | None:
-        return self.recall_of("teacher")
+        return recall_of(self.results, "teacher")
 
 
 class EvalReport(BaseModel):
