@@ -22,6 +22,7 @@ from .prompts import (
     cites_memories,
     entities,
     entity_prompts,
+    full_names,
     link_names,
     parse_questions,
     question_request,
@@ -124,6 +125,7 @@ def build_data(
     sysp = d.system_prompt
     gen = dict(max_new_tokens=d.max_new_tokens)
     questions = write_questions(traces, recipe, t_engine, t_tok, seed)
+    taken_back = {t.id: corrected(t) for t in traces}
 
     # Probes: a teacher question whose greedy and sampled answers agree and stay grounded in the memory.
     cand = [(t, q) for t in traces for q in questions[t.id][: max(d.probes_per_memory * 2, d.probes_per_memory)]]
@@ -140,7 +142,8 @@ def build_data(
                 continue
             src = seen_text(t, related)
             a, b = (uncited(x, src) for x in (a, b))  # as the student should answer, without "memory 2"
-            if a and token_f1(a, b) >= 0.4 and grounded(a, t.text) and not cites_memories(a, src):
+            fresh = not states_corrected(a, taken_back[t.id])  # a probe must not want the value the chat took back
+            if a and token_f1(a, b) >= 0.4 and grounded(a, t.text) and not cites_memories(a, src) and fresh:
                 split = "heldout" if rng.random() < d.heldout_fraction else "train"
                 probes.append(
                     Probe(
@@ -184,7 +187,9 @@ def build_data(
         have = {(e.trace_id, e.prompt) for e in examples}
         replies = {t.id: turn_replies(t) for t in traces}
         examples += [
-            Example(t.id, p, [replies[t.id][p]]) for t, p in prompts if p in replies[t.id] and (t.id, p) not in have
+            Example(t.id, p, [replies[t.id][p]])
+            for t, p in prompts
+            if p in replies[t.id] and (t.id, p) not in have and not states_corrected(replies[t.id][p], taken_back[t.id])
         ]
     if not examples:
         raise SleepError(
@@ -224,9 +229,11 @@ def write_questions(traces: list[Trace], recipe: Recipe, t_engine, t_tok, seed: 
 
 def reverse_targets(t: Trace, related: list[Trace] | None = None) -> list[str]:
     """What a reverse question may ask for: the memory's 4 most mentioned names and its first 4 values, less the
-    values a newer related memory replaced (the teacher, seeing both, rightly answers with the new one)."""
-    stale = set(replaced_by(t, related or []))
-    return list(dict.fromkeys(entities(t.text, 4) + [v for v in list(values(t.text)) if v not in stale][:4]))
+    values a newer related memory replaced (the teacher, seeing both, rightly answers with the new one) and the
+    names and values the chat itself took back (`corrected`)."""
+    stale = set(replaced_by(t, related or [])) | set(corrected(t))
+    names = [n for n in entities(t.text, 4) if n not in stale]
+    return list(dict.fromkeys(names + [v for v in list(values(t.text)) if v not in stale][:4]))
 
 
 def reverse_questions(
@@ -314,6 +321,7 @@ def answers_of(recipe: Recipe, ro, t_tok) -> list[str]:
 
 CITES_MEMORIES = "talks about its memories"  # a dropped answer's reason, counted apart in the seed's summary
 STALLS = "says only what the chat said before a tool result"
+TAKEN_BACK = "repeats what the chat later corrected: "  # then the values
 
 
 def stalls(answer: str, t: Trace) -> bool:
@@ -337,6 +345,7 @@ def grounded_examples(
     """`seen`: per memory, the text the teacher answered from where it is more than the memory itself;
     `dropped`, when given, gets each answer left out and why (the run's data.json keeps them for a reader)."""
     out = []
+    taken_back: dict[str, dict[str, set[str]]] = {}
     for i, (t, p) in enumerate(prompts):
         # An answer that is not grounded in what the teacher saw is the teacher inventing: never teach it. Nor one
         # that states a name or value the memory lacks: mostly the memory's words with a made-up year, place or
@@ -356,6 +365,8 @@ def grounded_examples(
                 why = CITES_MEMORIES
             elif recipe.data.transcript_copies == "reply" and stalls(a, t):
                 why = STALLS
+            elif taken := states_corrected(a, taken_back.setdefault(t.id, corrected(t))):
+                why = TAKEN_BACK + ", ".join(taken)
             if why is None:
                 samples.append(a)
             elif dropped is not None:
@@ -465,6 +476,64 @@ def replaced_by(t: Trace, related: list[Trace]) -> dict[str, Trace]:
             if v not in repeated and forms & new_forms:
                 out[v] = x
     return out
+
+
+# a user turn that takes back what the chat said before: "That's out of date: ...", "Change of plan: ... instead"
+_TAKES_BACK = re.compile(
+    r"\b(?:out of date|outdated|no longer|any ?more|instead|change of plan|correction|scratch that|rather than|"
+    r"not correct|wrong|mistaken|handed\b.{0,40}\bover|took over|taken over|replaced)\b",
+    re.I,
+)
+_WEEKDAY = re.compile(r"\b(Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)days?\b")
+
+
+def _slots(text: str) -> dict[str, set[str]]:
+    """`values` and, inside one chat, two slots a correction fills more: a weekday and a person's full name."""
+    out = values(text)
+    for m in _WEEKDAY.finditer(text):
+        out.setdefault(f"{m.group(1)}day", set()).add("weekday")
+    for name in full_names(text):
+        out.setdefault(name, set()).add("full name")
+    return out
+
+
+def _union(slots) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for one in slots:
+        for v, forms in one.items():
+            out.setdefault(v, set()).update(forms)
+    return out
+
+
+def corrected(t: Trace) -> dict[str, set[str]]:
+    """Values a recorded chat stated and a later user turn took back, each with the values that replaced it:
+    "That's out of date: Lucan handed the backup over to Saoirse Mbeki" takes back "Lucan Tremayne" for
+    "Saoirse Mbeki"; "Change of plan: send it on Wednesday instead" takes back "Monday".
+
+    The teacher sees the whole chat and still answers with the earlier value (the CPU demo's 0.5B: "Lucan
+    Tremayne owns the Ferrowind wiki backup", "scheduled to be sent on Monday"), and the chat's own reply before
+    the correction states it too. As `replaced_by` across memories, a value is taken back by a new one of its
+    form that the rest of the chat never repeats it beside; inside a chat the turn must also say it corrects
+    (a second booking's time is not the first one's correction)."""
+    msgs = [m for m in t.messages or [] if m.content.strip()]
+    out: dict[str, set[str]] = {}
+    for i, m in enumerate(msgs):
+        if i == 0 or m.role != "user" or not _TAKES_BACK.search(m.content):
+            continue
+        old = _union(_slots(x.content) for x in msgs[:i])  # turn by turn: a name never runs into the next turn
+        new = {v: forms for v, forms in _slots(m.content).items() if v not in old}
+        still = _union(_slots(x.content) for x in msgs[i:])
+        for v, forms in old.items():
+            by = {n for n, f in new.items() if f & forms}
+            if by and v not in still:
+                out.setdefault(v, set()).update(by)
+    return out
+
+
+def states_corrected(text: str, taken_back: dict[str, set[str]]) -> list[str]:
+    """The taken-back values `text` states without the value that replaced them ("Lucan handed it over to
+    Saoirse Mbeki" states the change, not the old owner)."""
+    return [v for v, by in taken_back.items() if mentions(text, {v}) and not mentions(text, by)]
 
 
 def mentions(text: str, values: set[str]) -> bool:

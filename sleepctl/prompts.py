@@ -291,6 +291,11 @@ def _names(text: str) -> tuple[Counter[str], set[str]]:
     return counts, inside
 
 
+def full_names(text: str) -> set[str]:
+    """Names of two words or more ("Lucan Tremayne", "Pellucid offsite" is not one: one capitalised word)."""
+    return {n for n in _names(text)[0] if " " in n}
+
+
 def entities(text: str, limit: int) -> list[str]:
     """Named things in a memory, most mentioned first: the handles a later question will use.
 

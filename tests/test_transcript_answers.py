@@ -199,3 +199,105 @@ def test_an_answer_that_only_announces_the_chats_lookup_is_not_taught(tmp_path, 
         assert {e.prompt: e.samples for e in kept}["Who is on call for Juddervane this week?"] == [
             "Checking the pager rota."
         ]
+
+
+def _chat(*turns):
+    from sleepctl.records import Message, Trace
+
+    msgs = [Message(role=r, content=c) for r, c in turns]
+    return Trace(id="m", hash="h", kind="chat", text="", messages=msgs, source="s", created_at="", updated_at="")
+
+
+HANDOVER = {
+    "messages": [
+        {"role": "user", "content": "Which host runs the nightly backup of the Ferrowind wiki?"},
+        {"role": "assistant", "content": "Checking the service inventory."},
+        {
+            "role": "tool",
+            "content": "inventory.lookup(service='ferrowind-wiki-backup') -> host: brisa-07, owner: Lucan Tremayne",
+        },
+        {"role": "assistant", "content": "The Ferrowind wiki backup runs on brisa-07; Lucan Tremayne owns it."},
+        {"role": "user", "content": "That's out of date: Lucan handed the backup over to Saoirse Mbeki last week."},
+        {"role": "assistant", "content": "Noted: Saoirse Mbeki now owns the Ferrowind wiki backup."},
+    ]
+}
+
+
+def test_what_a_chat_later_corrects_is_found_with_what_replaced_it():
+    from sleepctl.data import corrected, states_corrected
+
+    handover = _chat(*((m["role"], m["content"]) for m in HANDOVER["messages"]))
+    assert corrected(handover) == {"Lucan Tremayne": {"Saoirse Mbeki"}}
+    assert states_corrected("Lucan Tremayne owns the Ferrowind wiki backup.", corrected(handover)) == ["Lucan Tremayne"]
+    # the change itself is no stale answer, nor one about something else
+    assert not states_corrected("Lucan Tremayne handed it over to Saoirse Mbeki.", corrected(handover))
+    assert not states_corrected("It runs on brisa-07.", corrected(handover))
+    day = _chat(
+        ("user", "Send the Harbinger newsletter every Monday."),
+        ("assistant", "Noted: Harbinger goes out on Monday."),
+        ("user", "Change of plan: send it on Wednesday instead."),
+    )
+    assert corrected(day) == {"Monday": {"Wednesday"}}
+    limit = _chat(("user", "The API allows 340 per minute."), ("user", "Sorry, that's wrong: it is 520 per minute."))
+    assert corrected(limit) == {"340": {"520"}}
+    # a new value of the same form that corrects nothing: the return train's time is not the outward one's
+    trains = _chat(
+        ("user", "Book the Thursday train to Valdemoro."),
+        ("tool", "rail.book(day='Thursday') -> departs 09:12"),
+        ("user", "And a return on Friday, please."),
+        ("tool", "rail.book(day='Friday') -> departs 18:40"),
+    )
+    assert corrected(trains) == {}
+    # a correction that keeps the old value beside the new one ("from Monday to Wednesday") takes nothing back
+    kept = _chat(("user", "Standup is on Monday."), ("user", "Correction: it moved from Monday to Wednesday."))
+    assert corrected(kept) == {}
+    assert corrected(_chat(("user", "Send it on Monday."))) == {}
+
+
+def test_an_answer_that_repeats_what_the_chat_later_corrected_is_not_taught(tmp_path, tiny_dir):
+    """The teacher, shown the whole chat, answers "who owns it?" with the old owner (the CPU demo's 0.5B did, and
+    the chat's own reply before the correction says so too): neither is taught, nor made a probe; answers with
+    the new owner are."""
+    import json
+    import random
+
+    from sleepctl import record
+    from sleepctl.data import TAKEN_BACK, build_data
+    from sleepctl.memories import open_store
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps(HANDOVER) + "\n")
+    home = tmp_path / "home"
+    record([src], home=home)
+    with open_store(home) as st:
+        (t,) = st.traces()
+        tok = load_tokenizer(str(tiny_dir))
+        old, new = "Lucan Tremayne owns the Ferrowind wiki backup.", "Saoirse Mbeki owns the Ferrowind wiki backup."
+
+        class Teacher:  # writes two questions; the owner: old on greedy, new sampled; the chat's question: old
+            def generate(self, prompts, max_new_tokens, temperature=0.0, **kw):
+                texts = [
+                    "Who owns the Ferrowind wiki backup?\nWhere does the Ferrowind wiki backup run?"
+                    if "questions" in p
+                    else (old if temperature == 0.0 else new)
+                    if "owns" in p[-80:]
+                    else old
+                    if "Ferrowind wiki?" in p[-80:]
+                    else "It runs on brisa-07."
+                    for p in prompts
+                ]
+                return Rollouts([[1]] * len(prompts), [[5, tok.eos_token_id]] * len(prompts), texts)
+
+        cfg, _ = load_recipe(
+            str(write_recipe(tmp_path / "r.yaml", tiny_dir)),
+            {"data.probes_per_memory": 2, "data.heldout_fraction": 0.0, "data.teacher_samples": 2},
+        )
+        dropped: list = []
+        examples, probes = build_data([t], cfg, Teacher(), tok, st, random.Random(0), 0, None, dropped)
+        taught = [s for e in examples if not e.prompt.startswith("What do you remember") for s in e.samples]
+        assert new in taught and "It runs on brisa-07." in taught
+        assert not [s for s in taught if "Lucan Tremayne" in s]  # neither the teacher's nor the chat's old reply
+        assert "Which host runs the nightly backup of the Ferrowind wiki?" not in {e.prompt for e in examples}
+        assert dropped and all(x["why"] == TAKEN_BACK + "Lucan Tremayne" for x in dropped)
+        assert "Who owns the Ferrowind wiki backup?" not in {p.question for p in probes}  # greedy said the old one
+        assert "Where does the Ferrowind wiki backup run?" in {p.question for p in probes}
