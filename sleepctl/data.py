@@ -15,14 +15,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from .corrections import corrected, states_corrected
 from .errors import SleepError
-from .grounding import grounded, invented, values
+from .grounding import grounded, invented, mentions, values
 from .prompts import (
     Memory,
     cites_memories,
     entities,
     entity_prompts,
-    full_names,
     link_names,
     parse_questions,
     question_request,
@@ -347,6 +347,8 @@ def grounded_examples(
     out = []
     taken_back: dict[str, dict[str, set[str]]] = {}
     for i, (t, p) in enumerate(prompts):
+        if t.id not in taken_back:
+            taken_back[t.id] = corrected(t)
         # An answer that is not grounded in what the teacher saw is the teacher inventing: never teach it. Nor one
         # that states a name or value the memory lacks: mostly the memory's words with a made-up year, place or
         # company ("The Beryl Falls hackathon was held in 2019"; 3-6% of the 1.5B self teacher's answers on an H200,
@@ -365,7 +367,7 @@ def grounded_examples(
                 why = CITES_MEMORIES
             elif recipe.data.transcript_copies == "reply" and stalls(a, t):
                 why = STALLS
-            elif taken := states_corrected(a, taken_back.setdefault(t.id, corrected(t))):
+            elif taken := states_corrected(a, taken_back[t.id]):
                 why = TAKEN_BACK + ", ".join(taken)
             if why is None:
                 samples.append(a)
@@ -476,69 +478,6 @@ def replaced_by(t: Trace, related: list[Trace]) -> dict[str, Trace]:
             if v not in repeated and forms & new_forms:
                 out[v] = x
     return out
-
-
-# a user turn that takes back what the chat said before: "That's out of date: ...", "Change of plan: ... instead"
-_TAKES_BACK = re.compile(
-    r"\b(?:out of date|outdated|no longer|any ?more|instead|change of plan|correction|scratch that|rather than|"
-    r"not correct|wrong|mistaken|handed\b.{0,40}\bover|took over|taken over|replaced)\b",
-    re.I,
-)
-_WEEKDAY = re.compile(r"\b(Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)days?\b")
-
-
-def _slots(text: str) -> dict[str, set[str]]:
-    """`values` and, inside one chat, two slots a correction fills more: a weekday and a person's full name."""
-    out = values(text)
-    for m in _WEEKDAY.finditer(text):
-        out.setdefault(f"{m.group(1)}day", set()).add("weekday")
-    for name in full_names(text):
-        out.setdefault(name, set()).add("full name")
-    return out
-
-
-def _union(slots) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for one in slots:
-        for v, forms in one.items():
-            out.setdefault(v, set()).update(forms)
-    return out
-
-
-def corrected(t: Trace) -> dict[str, set[str]]:
-    """Values a recorded chat stated and a later user turn took back, each with the values that replaced it:
-    "That's out of date: Lucan handed the backup over to Saoirse Mbeki" takes back "Lucan Tremayne" for
-    "Saoirse Mbeki"; "Change of plan: send it on Wednesday instead" takes back "Monday".
-
-    The teacher sees the whole chat and still answers with the earlier value (the CPU demo's 0.5B: "Lucan
-    Tremayne owns the Ferrowind wiki backup", "scheduled to be sent on Monday"), and the chat's own reply before
-    the correction states it too. As `replaced_by` across memories, a value is taken back by a new one of its
-    form that the rest of the chat never repeats it beside; inside a chat the turn must also say it corrects
-    (a second booking's time is not the first one's correction)."""
-    msgs = [m for m in t.messages or [] if m.content.strip()]
-    out: dict[str, set[str]] = {}
-    for i, m in enumerate(msgs):
-        if i == 0 or m.role != "user" or not _TAKES_BACK.search(m.content):
-            continue
-        old = _union(_slots(x.content) for x in msgs[:i])  # turn by turn: a name never runs into the next turn
-        new = {v: forms for v, forms in _slots(m.content).items() if v not in old}
-        still = _union(_slots(x.content) for x in msgs[i:])
-        for v, forms in old.items():
-            by = {n for n, f in new.items() if f & forms}
-            if by and v not in still:
-                out.setdefault(v, set()).update(by)
-    return out
-
-
-def states_corrected(text: str, taken_back: dict[str, set[str]]) -> list[str]:
-    """The taken-back values `text` states without the value that replaced them ("Lucan handed it over to
-    Saoirse Mbeki" states the change, not the old owner)."""
-    return [v for v, by in taken_back.items() if mentions(text, {v}) and not mentions(text, by)]
-
-
-def mentions(text: str, values: set[str]) -> bool:
-    """Whether `text` states one of `values` as a whole value ("9:30" is not in "19:30")."""
-    return any(re.search(rf"(?<![\w:.\-]){re.escape(v)}(?![\w:]|[.,\-]\d)", text) for v in values)
 
 
 # --- superseded probes --------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from rich.console import Console
 from . import distributed
 from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
 from .anchor import AnchorText
+from .corrections import corrected, states_corrected
 from .data import context, later, link
 from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
@@ -177,6 +178,8 @@ def dream_jobs(
                     "kind": kind,
                     "prompt": DREAM_PROMPTS[kind].format(m=m, m2=m2),
                     "source": f"{m}\n\n{m2}" if m2 else m,  # what the dream may state
+                    # and what it must not: a value its chat (or its partner's) took back
+                    "taken_back": {v: sorted(by) for x in (t, other) if x for v, by in corrected(x).items()},
                     "partner_id": other.id if other else None,
                     "dropout": rng.random() < dc.adapter_dropout,
                 }
@@ -261,7 +264,7 @@ _SENTENCE_END = re.compile(
 _LIST_NUMBER = re.compile(r"(?:^|\n)\s*\d+$")
 
 
-def grounded_dream(kind: str, text: str, source: str) -> dict[str, Any]:
+def grounded_dream(kind: str, text: str, source: str, taken_back: dict[str, set[str]] | None = None) -> dict[str, Any]:
     """What of a dream may train, judged as the seed judges teacher answers: `invented` (names and values its
     memories lack: the dream is dropped), `grounded` (False: dropped too) and, for a QA dream, the `pairs` that pass.
 
@@ -270,13 +273,29 @@ def grounded_dream(kind: str, text: str, source: str) -> dict[str, Any]:
     An implication says what follows in its own words, so only what it states is checked. Unchecked, a night on the
     real pair kept "Q: Where are the one-on-ones taking place? A: Thirteen different locations.", answers cut off
     by the token limit ("A: The", "A: They") and "Yes, both were remembered.", and the dreamt adapter then answered
-    "Thirteen different rooms." for the room it knew before."""
+    "Thirteen different rooms." for the room it knew before. `taken_back`: values the chat itself corrected
+    (`corrections.corrected`), which a dream or a pair must not state without their replacement either."""
+    taken_back = taken_back or {}
     pairs = qa_pairs(text) if kind == "qa" else []
     if pairs:
-        good = [[q, a] for q, a in pairs if grounded(a, source) and not invented(f"{q}\n{a}", source)]
+        good = [
+            [q, a]
+            for q, a in pairs
+            if grounded(a, source) and not invented(f"{q}\n{a}", source) and not states_corrected(a, taken_back)
+        ]
         made_up = [] if good else invented(text, source)
-        return {"invented": made_up, "grounded": bool(good), "pairs": good, "pairs_dropped": len(pairs) - len(good)}
-    return {"invented": invented(text, source), "grounded": kind == "implication" or grounded(text, source)}
+        return {
+            "invented": made_up,
+            "grounded": bool(good),
+            "pairs": good,
+            "pairs_dropped": len(pairs) - len(good),
+            "taken_back": [] if good else states_corrected(text, taken_back),
+        }
+    return {
+        "invented": invented(text, source),
+        "grounded": kind == "implication" or grounded(text, source),
+        "taken_back": states_corrected(text, taken_back),
+    }
 
 
 def dream_pairs(dream: dict[str, Any], t: Trace) -> list[Pair]:
@@ -545,7 +564,11 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
             )
         # a dream is the model's own writing: one that names a person or value its memories do not would train it
         # in, and so would one mostly in other words (or, for QA, with no answer that is not)
-        made_up = [d for d in dreams if dc.grounded and (d.get("invented") or d.get("grounded") is False)]
+        made_up = [
+            d
+            for d in dreams
+            if dc.grounded and (d.get("invented") or d.get("grounded") is False or d.get("taken_back"))
+        ]
         dropped = {d["id"] for d in made_up}
         usable = [d for d in dreams if d["id"] not in dropped and d["text"]]
         if made_up:
@@ -554,7 +577,12 @@ def _dream(cfg: Recipe, h: Home, st: Store, t0: float, log: Log) -> DreamResult:
                 f"{len(made_up)} of {len(dreams)} dreams are not grounded in their memories, not used: "
                 f"{sum(bool(d['invented']) for d in made_up)} state a name or value their memories do not hold"
                 + (f" (e.g. {', '.join(names)})" if names else "")
-                + f", {sum(not d['invented'] for d in made_up)} say mostly other things"
+                + (
+                    f", {n} repeat what their chat later corrected"
+                    if (n := sum(bool(d.get("taken_back")) for d in made_up))
+                    else ""
+                )
+                + f", {sum(not d['invented'] and not d.get('taken_back') for d in made_up)} say mostly other things"
             )
         if cut := sum(d.get("pairs_dropped", 0) for d in usable):
             log(f"{cut} question-answer pairs left out of the QA dreams kept, for the same reasons")
@@ -761,13 +789,14 @@ def _write_dreams(
                     seed=rng.randrange(2**31),
                 )
                 for j, text, ids in zip(chunk, ro.texts, ro.completion_ids):
-                    job = {k: v for k, v in j.items() if k not in ("prompt", "source")}
+                    job = {k: v for k, v in j.items() if k not in ("prompt", "source", "taken_back")}
                     cut = len(ids) >= dc.max_new_tokens and ids[-1] != tok.eos_token_id
                     text = whole_part(j["kind"], text.strip()) if cut and dc.grounded else text.strip()
                     if text:
                         said = {"text": text, "invented": invented(text, j["source"]), "cut": cut}
                         if dc.grounded:
-                            said |= grounded_dream(j["kind"], text, j["source"])
+                            taken = {v: set(by) for v, by in j.get("taken_back", {}).items()}
+                            said |= grounded_dream(j["kind"], text, j["source"], taken)
                         out.append(job | said)
                     elif cut and dc.grounded:  # kept in the record, so the log can count it; nothing of it trains
                         out.append(job | {"text": "", "invented": [], "cut": True})

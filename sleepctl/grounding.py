@@ -159,3 +159,8 @@ def invented(text: str, source: str) -> list[str]:
             break
         i = j
     return list(dict.fromkeys(out))  # a code is a value and a capitalised word: said once
+
+
+def mentions(text: str, values: set[str]) -> bool:
+    """Whether `text` states one of `values` as a whole value ("9:30" is not in "19:30")."""
+    return any(re.search(rf"(?<![\w:.\-]){re.escape(v)}(?![\w:]|[.,\-]\d)", text) for v in values)

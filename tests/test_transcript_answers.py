@@ -201,13 +201,6 @@ def test_an_answer_that_only_announces_the_chats_lookup_is_not_taught(tmp_path, 
         ]
 
 
-def _chat(*turns):
-    from sleepctl.records import Message, Trace
-
-    msgs = [Message(role=r, content=c) for r, c in turns]
-    return Trace(id="m", hash="h", kind="chat", text="", messages=msgs, source="s", created_at="", updated_at="")
-
-
 HANDOVER = {
     "messages": [
         {"role": "user", "content": "Which host runs the nightly backup of the Ferrowind wiki?"},
@@ -221,37 +214,6 @@ HANDOVER = {
         {"role": "assistant", "content": "Noted: Saoirse Mbeki now owns the Ferrowind wiki backup."},
     ]
 }
-
-
-def test_what_a_chat_later_corrects_is_found_with_what_replaced_it():
-    from sleepctl.data import corrected, states_corrected
-
-    handover = _chat(*((m["role"], m["content"]) for m in HANDOVER["messages"]))
-    assert corrected(handover) == {"Lucan Tremayne": {"Saoirse Mbeki"}}
-    assert states_corrected("Lucan Tremayne owns the Ferrowind wiki backup.", corrected(handover)) == ["Lucan Tremayne"]
-    # the change itself is no stale answer, nor one about something else
-    assert not states_corrected("Lucan Tremayne handed it over to Saoirse Mbeki.", corrected(handover))
-    assert not states_corrected("It runs on brisa-07.", corrected(handover))
-    day = _chat(
-        ("user", "Send the Harbinger newsletter every Monday."),
-        ("assistant", "Noted: Harbinger goes out on Monday."),
-        ("user", "Change of plan: send it on Wednesday instead."),
-    )
-    assert corrected(day) == {"Monday": {"Wednesday"}}
-    limit = _chat(("user", "The API allows 340 per minute."), ("user", "Sorry, that's wrong: it is 520 per minute."))
-    assert corrected(limit) == {"340": {"520"}}
-    # a new value of the same form that corrects nothing: the return train's time is not the outward one's
-    trains = _chat(
-        ("user", "Book the Thursday train to Valdemoro."),
-        ("tool", "rail.book(day='Thursday') -> departs 09:12"),
-        ("user", "And a return on Friday, please."),
-        ("tool", "rail.book(day='Friday') -> departs 18:40"),
-    )
-    assert corrected(trains) == {}
-    # a correction that keeps the old value beside the new one ("from Monday to Wednesday") takes nothing back
-    kept = _chat(("user", "Standup is on Monday."), ("user", "Correction: it moved from Monday to Wednesday."))
-    assert corrected(kept) == {}
-    assert corrected(_chat(("user", "Send it on Monday."))) == {}
 
 
 def test_an_answer_that_repeats_what_the_chat_later_corrected_is_not_taught(tmp_path, tiny_dir):
