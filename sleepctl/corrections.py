@@ -115,3 +115,22 @@ def states_corrected(text: str, taken_back: dict[str, set[str]]) -> list[str]:
     return [
         v for v, by in taken_back.items() if mentions(text, _said(v)) and not any(mentions(text, _said(b)) for b in by)
     ]
+
+
+def restated(text: str, taken_back: dict[str, set[str]]) -> str | None:
+    """`text` with each taken-back value it states put as the one value that replaced it ("The backup runs on
+    brisa-07 at 02:30 UTC; Lucan Tremayne owns it." -> "...; Saoirse Mbeki owns it."), or None where a value was
+    replaced by several or is said in a form not rewritten here ("the 2nd").
+
+    Left out whole, such an answer took its other facts with it: on the demo the chat's reply that alone taught
+    the backup's host and time, and the only answer that named the newsletter's template."""
+    for v in states_corrected(text, taken_back):
+        if len(taken_back[v]) != 1:
+            return None
+        (new,) = taken_back[v]
+        forms = {v: new} | ({f"{v}s": f"{new}s"} if _WEEKDAY.fullmatch(v) and _WEEKDAY.fullmatch(new) else {})
+        for old, put in sorted(forms.items(), key=lambda kv: -len(kv[0])):
+            text = re.sub(rf"(?<![\w:.\-]){re.escape(old)}(?![\w:]|[.,\-]\d)", put, text)
+        if states_corrected(text, {v: taken_back[v]}):
+            return None
+    return text

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .corrections import corrected, states_corrected
+from .corrections import corrected, restated, states_corrected
 from .errors import SleepError
 from .grounding import grounded, invented, mentions, values
 from .prompts import (
@@ -186,11 +186,10 @@ def build_data(
         # a user turn every answer to which replayed the chat (or invented): what the chat itself answered it
         have = {(e.trace_id, e.prompt) for e in examples}
         replies = {t.id: turn_replies(t) for t in traces}
-        examples += [
-            Example(t.id, p, [replies[t.id][p]])
-            for t, p in prompts
-            if p in replies[t.id] and (t.id, p) not in have and not states_corrected(replies[t.id][p], taken_back[t.id])
-        ]
+        for t, p in prompts:
+            if p in replies[t.id] and (t.id, p) not in have:
+                if (reply := restated(replies[t.id][p], taken_back[t.id])) is not None:
+                    examples.append(Example(t.id, p, [reply]))
     if not examples:
         raise SleepError(
             "no training example could be made from the pending memories",
@@ -322,6 +321,8 @@ def answers_of(recipe: Recipe, ro, t_tok) -> list[str]:
 CITES_MEMORIES = "talks about its memories"  # a dropped answer's reason, counted apart in the seed's summary
 STALLS = "says only what the chat said before a tool result"
 TAKEN_BACK = "repeats what the chat later corrected: "  # then the values
+# not left out: the answer was taught with the chat's correction in place of the value it took back
+TAUGHT_CORRECTED = "taught with the chat's later correction: "  # then the answer as taught
 
 
 def stalls(answer: str, t: Trace) -> bool:
@@ -357,9 +358,13 @@ def grounded_examples(
         # is dropped: the closed-book student has none.
         source = (seen or {}).get(t.id, t.text)
         samples = []
-        for a in dict.fromkeys(uncited(a[i], source) for a in answers if a[i].strip()):
+        for said in dict.fromkeys(uncited(a[i], source) for a in answers if a[i].strip()):
+            # a value the chat later corrected is taught as its correction, the answer's other facts kept
+            a = restated(said, taken_back[t.id])
             why = None
-            if recipe.data.grounded_only and not grounded(a, source):
+            if a is None:
+                why = TAKEN_BACK + ", ".join(states_corrected(said, taken_back[t.id]))
+            elif recipe.data.grounded_only and not grounded(a, source):
                 why = "not grounded"
             elif recipe.data.grounded_only and (made_up := invented(a, source)):
                 why = "states " + ", ".join(made_up)
@@ -367,12 +372,10 @@ def grounded_examples(
                 why = CITES_MEMORIES
             elif recipe.data.transcript_copies == "reply" and stalls(a, t):
                 why = STALLS
-            elif taken := states_corrected(a, taken_back[t.id]):
-                why = TAKEN_BACK + ", ".join(taken)
-            if why is None:
+            if why is None and a not in samples:
                 samples.append(a)
-            elif dropped is not None:
-                dropped.append({"trace_id": t.id, "prompt": p, "answer": a, "why": why})
+            if dropped is not None and (why is not None or a != said):
+                dropped.append({"trace_id": t.id, "prompt": p, "answer": said, "why": why or TAUGHT_CORRECTED + a})
         if samples:
             out.append(Example(t.id, p, samples))
     return out

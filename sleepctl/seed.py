@@ -31,7 +31,19 @@ from rich.console import Console
 from . import distributed
 from .adapters import lineage, publish_adapter, stack_lora
 from .anchor import AnchorText, kl_drift
-from .data import CITES_MEMORIES, STALLS, TAKEN_BACK, Example, build_data, context, link, recheck, refresh, superseded
+from .data import (
+    CITES_MEMORIES,
+    STALLS,
+    TAKEN_BACK,
+    TAUGHT_CORRECTED,
+    Example,
+    build_data,
+    context,
+    link,
+    recheck,
+    refresh,
+    superseded,
+)
 from .engines import lora_capacity, release_engines, rollout_engine
 from .errors import ModelError, RecipeError, SleepError
 from .home import open_home, sleep_lock, write_atomic
@@ -414,19 +426,26 @@ def _teacher_data(cfg: Recipe, h, st: Store, rf, pending, olds, related, old_rel
         )
         old_data = cached_examples(st, olds, cfg.data.restatements)
         refreshed = refresh(olds, old_data, cfg, t_engine, t_tok, old_related, tr.seed) if olds else []
-    made_up = [x for x in dropped if x["why"].startswith("states ")]
-    citing = sum(x["why"] == CITES_MEMORIES for x in dropped)
-    stalling = sum(x["why"] == STALLS for x in dropped)
-    taken = sum(x["why"].startswith(TAKEN_BACK) for x in dropped)
-    if dropped:
+    fixed = sum(x["why"].startswith(TAUGHT_CORRECTED) for x in dropped)
+    left_out = [x for x in dropped if not x["why"].startswith(TAUGHT_CORRECTED)]
+    made_up = [x for x in left_out if x["why"].startswith("states ")]
+    citing = sum(x["why"] == CITES_MEMORIES for x in left_out)
+    stalling = sum(x["why"] == STALLS for x in left_out)
+    taken = sum(x["why"].startswith(TAKEN_BACK) for x in left_out)
+    if left_out:
         names = sorted({x["why"].removeprefix("states ") for x in made_up})[:3]
         eg = " (e.g. " + "; ".join(names) + ")" if names else ""
         stall = f", {stalling} for only announcing a lookup as the chat did before a tool result" if stalling else ""
         stall += f", {taken} for repeating what the chat later corrected" if taken else ""
         err.print(
-            f"[dim]{len(dropped) - len(made_up) - citing - stalling - taken} teacher answers left out as not grounded in "
-            f"the memory, {len(made_up)} for stating a name or value it lacks{eg}, {citing} for talking about the "
+            f"[dim]{len(left_out) - len(made_up) - citing - stalling - taken} teacher answers left out as not grounded"
+            f" in the memory, {len(made_up)} for stating a name or value it lacks{eg}, {citing} for talking about the "
             f"memories it was shown{stall}; the run's data.json lists them[/dim]"
+        )
+    if fixed:
+        err.print(
+            f"[dim]{fixed} teacher answers stated a value their chat later corrected: taught with the correction in "
+            "its place (data.json lists them)[/dim]"
         )
     payload = json.dumps(
         {

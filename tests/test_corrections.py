@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sleepctl.corrections import corrected, states_corrected
+from sleepctl.corrections import corrected, restated, states_corrected
 from sleepctl.ingest import render_chat
 from sleepctl.records import Message, Trace
 
@@ -113,6 +113,18 @@ def test_a_text_states_a_taken_back_value_only_without_its_replacement():
     assert not states_corrected("Lucan Tremayne handed it over to Saoirse Mbeki.", owner)
     assert not states_corrected("It moved from Monday to Wednesday.", day)
     assert not states_corrected("It runs on brisa-07.", owner)
+
+
+def test_a_taken_back_value_is_restated_as_its_one_replacement():
+    owner, day = corrected(HANDOVER), corrected(NEWSLETTER)
+    reply = "The Ferrowind wiki backup runs on brisa-07; Lucan Tremayne owns it."
+    assert restated(reply, owner) == "The Ferrowind wiki backup runs on brisa-07; Saoirse Mbeki owns it."
+    assert restated("It goes out on Mondays in teal.", day) == "It goes out on Wednesdays in teal."
+    assert restated("It runs on brisa-07.", owner) == "It runs on brisa-07."  # nothing to restate
+    assert restated("Lucan Tremayne handed it to Saoirse Mbeki.", owner) == "Lucan Tremayne handed it to Saoirse Mbeki."
+    # replaced by two values, or said in a form not rewritten: no answer to teach
+    assert restated("Lucan Tremayne owns it.", {"Lucan Tremayne": {"Saoirse Mbeki", "Dana Okafor"}}) is None
+    assert restated("It ships on the 2nd.", {"2": {"9"}}) is None
 
 
 def test_a_long_chat_is_read_in_one_pass():

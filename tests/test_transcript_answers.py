@@ -216,15 +216,16 @@ HANDOVER = {
 }
 
 
-def test_an_answer_that_repeats_what_the_chat_later_corrected_is_not_taught(tmp_path, tiny_dir):
+def test_an_answer_that_repeats_what_the_chat_later_corrected_is_taught_with_the_correction(tmp_path, tiny_dir):
     """The teacher, shown the whole chat, answers "who owns it?" with the old owner (the CPU demo's 0.5B did, and
-    the chat's own reply before the correction says so too): neither is taught, nor made a probe; answers with
-    the new owner are."""
+    the chat's own reply before the correction says so too). Left out whole, such answers took their other facts
+    with them (the demo's only examples of the backup's host and time); taught as they stand, the old owner. They
+    are taught with the new owner in the old one's place; a probe is never made of them."""
     import json
     import random
 
     from sleepctl import record
-    from sleepctl.data import TAKEN_BACK, build_data
+    from sleepctl.data import STALLS, TAUGHT_CORRECTED, build_data
     from sleepctl.memories import open_store
 
     src = tmp_path / "chat.jsonl"
@@ -236,14 +237,14 @@ def test_an_answer_that_repeats_what_the_chat_later_corrected_is_not_taught(tmp_
         tok = load_tokenizer(str(tiny_dir))
         old, new = "Lucan Tremayne owns the Ferrowind wiki backup.", "Saoirse Mbeki owns the Ferrowind wiki backup."
 
-        class Teacher:  # writes two questions; the owner: old on greedy, new sampled; the chat's question: old
+        class Teacher:  # two questions; the owner: old on greedy, new sampled; the chat's question: an announcement
             def generate(self, prompts, max_new_tokens, temperature=0.0, **kw):
                 texts = [
                     "Who owns the Ferrowind wiki backup?\nWhere does the Ferrowind wiki backup run?"
                     if "questions" in p
                     else (old if temperature == 0.0 else new)
                     if "owns" in p[-80:]
-                    else old
+                    else "Checking the service inventory."
                     if "Ferrowind wiki?" in p[-80:]
                     else "It runs on brisa-07."
                     for p in prompts
@@ -256,10 +257,16 @@ def test_an_answer_that_repeats_what_the_chat_later_corrected_is_not_taught(tmp_
         )
         dropped: list = []
         examples, probes = build_data([t], cfg, Teacher(), tok, st, random.Random(0), 0, None, dropped)
+        by_prompt = {e.prompt: e.samples for e in examples}
         taught = [s for e in examples if not e.prompt.startswith("What do you remember") for s in e.samples]
-        assert new in taught and "It runs on brisa-07." in taught
-        assert not [s for s in taught if "Lucan Tremayne" in s]  # neither the teacher's nor the chat's old reply
-        assert "Which host runs the nightly backup of the Ferrowind wiki?" not in {e.prompt for e in examples}
-        assert dropped and all(x["why"] == TAKEN_BACK + "Lucan Tremayne" for x in dropped)
+        assert not [s for s in taught if "Lucan Tremayne" in s]
+        assert by_prompt["Who owns the Ferrowind wiki backup?"] == [new]  # the old answer rewritten, the new kept once
+        # the chat's own reply, its host kept and its owner corrected
+        assert by_prompt["Which host runs the nightly backup of the Ferrowind wiki?"] == [
+            "The Ferrowind wiki backup runs on brisa-07; Saoirse Mbeki owns it."
+        ]
+        assert "It runs on brisa-07." in taught
+        whys = {x["why"] for x in dropped}
+        assert STALLS in whys and TAUGHT_CORRECTED + new in whys
         assert "Who owns the Ferrowind wiki backup?" not in {p.question for p in probes}  # greedy said the old one
         assert "Where does the Ferrowind wiki backup run?" in {p.question for p in probes}
