@@ -10,8 +10,9 @@ a chat states many values of one form that replace nothing (an outward and a ret
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-from .grounding import mentions, values
+from .grounding import mentions, values, whole_value
 from .prompts import full_names
 from .records import Trace
 from .scoring import content_tokens
@@ -30,6 +31,17 @@ _DENIED = r"(?:instead of|rather than|not|no longer|from)\s+(?:on |at |in |the |
 _WEEKDAY = re.compile(r"\b(Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)days?\b")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _CLAUSE = re.compile(r"[.;!?\n]|,\s|\band\b")
+
+
+@dataclass(frozen=True)
+class TakenBack:
+    """A value the chat took back: what replaced it, the slot it filled ("time", "weekday", "full name", a number's
+    shape and unit) and the words of what the correction is about (its sentence and the earlier clauses it
+    matched), which say where a text states it in the corrected role."""
+
+    by: frozenset[str]
+    forms: frozenset[str]
+    words: frozenset[str]
 
 
 def _slots(text: str) -> dict[str, set[str]]:
@@ -54,7 +66,7 @@ def _said(v: str) -> set[str]:
 def _affirms(text: str, v: str) -> bool:
     """`text` states `v` somewhere other than to deny it ("instead of Monday", "Saoirse, not Lucan Tremayne")."""
     for form in _said(v):
-        for m in re.finditer(rf"(?<![\w:.\-]){re.escape(form)}(?![\w:]|[.,\-]\d)", text):
+        for m in re.finditer(whole_value(form), text):
             if not re.search(_DENIED, text[max(0, m.start() - 24) : m.start()], re.I):
                 return True
     return False
@@ -68,8 +80,8 @@ def _corrects(sentence: str, earlier: dict[str, set[str]]) -> bool:
     return any(mentions(m.group(1), _said(v)) for m in _INSTEAD_OF.finditer(sentence) for v in earlier)
 
 
-def corrected(t: Trace) -> dict[str, set[str]]:
-    """The values a recorded chat stated and a later user sentence took back, each with the values that replaced it.
+def corrected(t: Trace) -> dict[str, TakenBack]:
+    """The values a recorded chat stated and a later user sentence took back, each with what replaced it.
 
     A sentence of a user turn that says it corrects and brings a value of a form the chat stated before (a number
     with its unit, a time, a code, a weekday, a full name), new to the chat, takes back each earlier value of that
@@ -83,7 +95,7 @@ def corrected(t: Trace) -> dict[str, set[str]]:
     still: list[set[str]] = [set() for _ in range(len(msgs) + 1)]
     for i in range(len(msgs) - 1, -1, -1):
         still[i] = still[i + 1] | affirmed[i]
-    out: dict[str, set[str]] = {}
+    out: dict[str, TakenBack] = {}
     earlier: dict[str, set[str]] = {}  # value -> forms, of the turns so far
     clauses: dict[str, list[set[str]]] = {}  # value -> the words of each earlier clause that states it
     seen = ""  # the turns so far, lower case: a value is new only if the chat never said it, in any case
@@ -98,8 +110,12 @@ def corrected(t: Trace) -> dict[str, set[str]]:
                 words = content_tokens(s) - {w for v in new for w in content_tokens(v)}
                 for v, forms in earlier.items():
                     by = {n for n, f in new.items() if f & forms}
-                    if by and v not in still[i] and any(c & words for c in clauses.get(v, ())):
-                        out.setdefault(v, set()).update(by)
+                    near = [c for c in clauses.get(v, ()) if c & words]
+                    if by and v not in still[i] and near:
+                        was = out.get(v, TakenBack(frozenset(), frozenset(), frozenset()))
+                        about = words.union(*near) - content_tokens(v)
+                        # taken back again later: the latest correction is what holds (Monday -> Wednesday -> Friday)
+                        out[v] = TakenBack(frozenset(by), was.forms | forms, was.words | about)
         for v, f in slots[i].items():
             earlier.setdefault(v, set()).update(f)
         for clause in _CLAUSE.split(m):
@@ -109,28 +125,50 @@ def corrected(t: Trace) -> dict[str, set[str]]:
     return out
 
 
-def states_corrected(text: str, taken_back: dict[str, set[str]]) -> list[str]:
+def states_corrected(text: str, taken_back: dict[str, TakenBack]) -> list[str]:
     """The taken-back values `text` states without a value that replaced them ("Lucan handed it over to Saoirse
     Mbeki" states the change, not the old owner)."""
     return [
-        v for v, by in taken_back.items() if mentions(text, _said(v)) and not any(mentions(text, _said(b)) for b in by)
+        v
+        for v, tb in taken_back.items()
+        if mentions(text, _said(v)) and not any(mentions(text, _said(b)) for b in tb.by)
     ]
 
 
-def restated(text: str, taken_back: dict[str, set[str]]) -> str | None:
+def restated(text: str, taken_back: dict[str, TakenBack]) -> str | None:
     """`text` with each taken-back value it states put as the one value that replaced it ("The backup runs on
-    brisa-07 at 02:30 UTC; Lucan Tremayne owns it." -> "...; Saoirse Mbeki owns it."), or None where a value was
-    replaced by several or is said in a form not rewritten here ("the 2nd").
+    brisa-07 at 02:30 UTC; Lucan Tremayne owns it." -> "...; Saoirse Mbeki owns it."; Monday -> Wednesday ->
+    Friday as a chain), or None where that would not be the correction: a value replaced by several, stated in a
+    clause about something else ("ticket 340" of "340 per minute"; "Lucan reviews the wiki" of the backup's owner),
+    or in a form not rewritten here ("the 2nd").
 
     Left out whole, such an answer took its other facts with it: on the demo the chat's reply that alone taught
-    the backup's host and time, and the only answer that named the newsletter's template."""
-    for v in states_corrected(text, taken_back):
-        if len(taken_back[v]) != 1:
+    the backup's host and time."""
+    for _ in range(len(taken_back) + 1):
+        stale = states_corrected(text, taken_back)
+        if not stale:
+            return text
+        for v in stale:
+            if (put := _put(text, v, taken_back[v])) is None:
+                return None
+            text = put
+    return None
+
+
+def _put(text: str, v: str, tb: TakenBack) -> str | None:
+    if len(tb.by) != 1:
+        return None
+    (new,) = tb.by
+    subs = {v: new} | ({f"{v}s": f"{new}s"} if _WEEKDAY.fullmatch(v) and _WEEKDAY.fullmatch(new) else {})
+    spans = [0] + [x for m in _CLAUSE.finditer(text) for x in (m.start(), m.end())] + [len(text)]
+    pattern = "|".join(whole_value(o) for o in sorted(subs, key=len, reverse=True))
+    for m in re.finditer(pattern, text):
+        k = max(j for j in range(0, len(spans), 2) if spans[j] <= m.start())
+        clause = text[spans[k] : spans[k + 1]]
+        if not content_tokens(clause) & tb.words:
             return None
-        (new,) = taken_back[v]
-        forms = {v: new} | ({f"{v}s": f"{new}s"} if _WEEKDAY.fullmatch(v) and _WEEKDAY.fullmatch(new) else {})
-        for old, put in sorted(forms.items(), key=lambda kv: -len(kv[0])):
-            text = re.sub(rf"(?<![\w:.\-]){re.escape(old)}(?![\w:]|[.,\-]\d)", put, text)
-        if states_corrected(text, {v: taken_back[v]}):
+        number_forms = values(clause).get(v)
+        if number_forms is not None and not number_forms & tb.forms:  # the same number in another unit
             return None
-    return text
+    text = re.sub(pattern, lambda m: subs[m.group(0)], text)
+    return None if mentions(text, _said(v)) else text

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .corrections import corrected, restated, states_corrected
+from .corrections import TakenBack, corrected, restated, states_corrected
 from .errors import SleepError
 from .grounding import grounded, invented, mentions, values
 from .prompts import (
@@ -187,9 +187,18 @@ def build_data(
         have = {(e.trace_id, e.prompt) for e in examples}
         replies = {t.id: turn_replies(t) for t in traces}
         for t, p in prompts:
-            if p in replies[t.id] and (t.id, p) not in have:
-                if (reply := restated(replies[t.id][p], taken_back[t.id])) is not None:
-                    examples.append(Example(t.id, p, [reply]))
+            if p not in replies[t.id] or (t.id, p) in have or states_corrected(p, taken_back[t.id]):
+                continue  # (a turn the chat later corrected, "send it every Monday": its reply is as stale)
+            said = replies[t.id][p]
+            if (reply := restated(said, taken_back[t.id])) is not None:
+                examples.append(Example(t.id, p, [reply]))
+            if dropped is not None and reply != said:
+                why = (
+                    TAUGHT_CORRECTED + reply
+                    if reply
+                    else TAKEN_BACK + ", ".join(states_corrected(said, taken_back[t.id]))
+                )
+                dropped.append({"trace_id": t.id, "prompt": p, "answer": said, "why": why})
     if not examples:
         raise SleepError(
             "no training example could be made from the pending memories",
@@ -346,7 +355,7 @@ def grounded_examples(
     """`seen`: per memory, the text the teacher answered from where it is more than the memory itself;
     `dropped`, when given, gets each answer left out and why (the run's data.json keeps them for a reader)."""
     out = []
-    taken_back: dict[str, dict[str, set[str]]] = {}
+    taken_back: dict[str, dict[str, TakenBack]] = {}
     for i, (t, p) in enumerate(prompts):
         if t.id not in taken_back:
             taken_back[t.id] = corrected(t)
@@ -358,12 +367,13 @@ def grounded_examples(
         # is dropped: the closed-book student has none.
         source = (seen or {}).get(t.id, t.text)
         samples = []
+        asked_stale = states_corrected(p, taken_back[t.id])  # "send it every Monday", later corrected
         for said in dict.fromkeys(uncited(a[i], source) for a in answers if a[i].strip()):
             # a value the chat later corrected is taught as its correction, the answer's other facts kept
-            a = restated(said, taken_back[t.id])
+            a = None if asked_stale else restated(said, taken_back[t.id])
             why = None
             if a is None:
-                why = TAKEN_BACK + ", ".join(states_corrected(said, taken_back[t.id]))
+                why = TAKEN_BACK + ", ".join(asked_stale or states_corrected(said, taken_back[t.id]))
             elif recipe.data.grounded_only and not grounded(a, source):
                 why = "not grounded"
             elif recipe.data.grounded_only and (made_up := invented(a, source)):
@@ -372,7 +382,9 @@ def grounded_examples(
                 why = CITES_MEMORIES
             elif recipe.data.transcript_copies == "reply" and stalls(a, t):
                 why = STALLS
-            if why is None and a not in samples:
+            if why is None and a in samples:
+                continue  # the same answer twice, once as the teacher wrote it and once restated
+            if why is None:
                 samples.append(a)
             if dropped is not None and (why is not None or a != said):
                 dropped.append({"trace_id": t.id, "prompt": p, "answer": said, "why": why or TAUGHT_CORRECTED + a})

@@ -41,7 +41,7 @@ from rich.console import Console
 from . import distributed
 from .adapters import NEW, lineage, publish_adapter, read_lora, stack_lora
 from .anchor import AnchorText
-from .corrections import corrected, states_corrected
+from .corrections import TakenBack, corrected, states_corrected
 from .data import context, later, link
 from .display import plain
 from .engines import HFEngine, lora_capacity, release_engines, rollout_engine
@@ -179,7 +179,7 @@ def dream_jobs(
                     "prompt": DREAM_PROMPTS[kind].format(m=m, m2=m2),
                     "source": f"{m}\n\n{m2}" if m2 else m,  # what the dream may state
                     # and what it must not: a value its chat (or its partner's) took back
-                    "taken_back": {v: sorted(by) for x in (t, other) if x for v, by in corrected(x).items()},
+                    "taken_back": {v: tb for x in (t, other) if x for v, tb in corrected(x).items()},
                     "partner_id": other.id if other else None,
                     "dropout": rng.random() < dc.adapter_dropout,
                 }
@@ -264,7 +264,7 @@ _SENTENCE_END = re.compile(
 _LIST_NUMBER = re.compile(r"(?:^|\n)\s*\d+$")
 
 
-def grounded_dream(kind: str, text: str, source: str, taken_back: dict[str, set[str]] | None = None) -> dict[str, Any]:
+def grounded_dream(kind: str, text: str, source: str, taken_back: dict[str, TakenBack] | None = None) -> dict[str, Any]:
     """What of a dream may train, judged as the seed judges teacher answers: `invented` (names and values its
     memories lack: the dream is dropped), `grounded` (False: dropped too) and, for a QA dream, the `pairs` that pass.
 
@@ -795,8 +795,7 @@ def _write_dreams(
                     if text:
                         said = {"text": text, "invented": invented(text, j["source"]), "cut": cut}
                         if dc.grounded:
-                            taken = {v: set(by) for v, by in j.get("taken_back", {}).items()}
-                            said |= grounded_dream(j["kind"], text, j["source"], taken)
+                            said |= grounded_dream(j["kind"], text, j["source"], j.get("taken_back"))
                         out.append(job | said)
                     elif cut and dc.grounded:  # kept in the record, so the log can count it; nothing of it trains
                         out.append(job | {"text": "", "invented": [], "cut": True})

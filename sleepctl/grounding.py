@@ -161,6 +161,12 @@ def invented(text: str, source: str) -> list[str]:
     return list(dict.fromkeys(out))  # a code is a value and a capitalised word: said once
 
 
+def whole_value(v: str) -> str:
+    """A pattern for `v` said whole: not inside another value or name ("9:30" of "19:30", "340" of "1,340", "Lucan
+    Tremayne" of "Lucan Tremayne-Smith")."""
+    return rf"(?<![\w:.\-])(?<!\d,){re.escape(v)}(?![\w:]|[.,\-]\d|-[^\W\d_])"
+
+
 def mentions(text: str, values: set[str]) -> bool:
     """Whether `text` states one of `values` as a whole value ("9:30" is not in "19:30")."""
-    return any(re.search(rf"(?<![\w:.\-]){re.escape(v)}(?![\w:]|[.,\-]\d)", text) for v in values)
+    return any(re.search(whole_value(v), text) for v in values)

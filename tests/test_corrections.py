@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sleepctl.corrections import corrected, restated, states_corrected
+from sleepctl.corrections import TakenBack, corrected, restated, states_corrected
 from sleepctl.ingest import render_chat
 from sleepctl.records import Message, Trace
 
@@ -19,6 +19,10 @@ def chat(*turns: tuple[str, str]) -> Trace:
     msgs = [Message(role=r, content=c) for r, c in turns]
     text = render_chat(msgs)
     return Trace(id="m", hash="h", kind="chat", text=text, messages=msgs, source="s", created_at="", updated_at="")
+
+
+def replaced(trace: Trace) -> dict[str, set[str]]:
+    return {v: set(tb.by) for v, tb in corrected(trace).items()}
 
 
 HANDOVER = chat(
@@ -97,7 +101,7 @@ NOTHING_TAKEN_BACK = [
 
 @pytest.mark.parametrize("trace,expected", TAKEN_BACK)
 def test_a_value_a_later_user_sentence_corrects_is_taken_back_with_its_replacement(trace, expected):
-    assert corrected(trace) == expected
+    assert replaced(trace) == expected
 
 
 @pytest.mark.parametrize("trace", NOTHING_TAKEN_BACK)
@@ -119,12 +123,32 @@ def test_a_taken_back_value_is_restated_as_its_one_replacement():
     owner, day = corrected(HANDOVER), corrected(NEWSLETTER)
     reply = "The Ferrowind wiki backup runs on brisa-07; Lucan Tremayne owns it."
     assert restated(reply, owner) == "The Ferrowind wiki backup runs on brisa-07; Saoirse Mbeki owns it."
-    assert restated("It goes out on Mondays in teal.", day) == "It goes out on Wednesdays in teal."
+    assert restated("Lucan Tremayne's backup runs nightly.", owner) == "Saoirse Mbeki's backup runs nightly."
+    assert restated("Harbinger goes out on Mondays in teal.", day) == "Harbinger goes out on Wednesdays in teal."
     assert restated("It runs on brisa-07.", owner) == "It runs on brisa-07."  # nothing to restate
     assert restated("Lucan Tremayne handed it to Saoirse Mbeki.", owner) == "Lucan Tremayne handed it to Saoirse Mbeki."
-    # replaced by two values, or said in a form not rewritten: no answer to teach
-    assert restated("Lucan Tremayne owns it.", {"Lucan Tremayne": {"Saoirse Mbeki", "Dana Okafor"}}) is None
-    assert restated("It ships on the 2nd.", {"2": {"9"}}) is None
+    # a chain of corrections ends at the last one
+    chain = chat(
+        (U, "Send the Harbinger newsletter on Monday."),
+        (U, "Change of plan: send it on Wednesday instead."),
+        (U, "Scratch that: send it on Friday instead of Wednesday."),
+    )
+    assert restated("Harbinger is sent on Monday.", corrected(chain)) == "Harbinger is sent on Friday."
+
+
+def test_no_restatement_where_it_would_not_be_the_correction():
+    owner = corrected(HANDOVER)
+    tb = owner["Lucan Tremayne"]
+    several = {"Lucan Tremayne": TakenBack(frozenset({"Saoirse Mbeki", "Dana Okafor"}), tb.forms, tb.words)}
+    assert restated("Lucan Tremayne owns the backup.", several) is None
+    # the same name in a clause about something else: not the owner's role
+    assert restated("Lucan Tremayne owns the backup; Lucan Tremayne reviews the Kestrel designs.", owner) is None
+    limit = corrected(chat((U, "The API allows 340 per minute."), (U, "Sorry, that's wrong: it is 520 per minute.")))
+    assert restated("The API allows 340 per minute.", limit) == "The API allows 520 per minute."
+    assert restated("The API allows 340 per minute; see ticket 340.", limit) is None  # the same number, no unit
+    assert restated("The API allows 1,340 per minute.", limit) == "The API allows 1,340 per minute."  # another number
+    second = {"2": TakenBack(frozenset({"9"}), frozenset({"9"}), frozenset({"ships"}))}
+    assert restated("It ships on the 2nd of May.", second) is None  # "the 2nd" is not rewritten
 
 
 def test_a_long_chat_is_read_in_one_pass():

@@ -270,3 +270,31 @@ def test_an_answer_that_repeats_what_the_chat_later_corrected_is_taught_with_the
         assert STALLS in whys and TAUGHT_CORRECTED + new in whys
         assert "Who owns the Ferrowind wiki backup?" not in {p.question for p in probes}  # greedy said the old one
         assert "Where does the Ferrowind wiki backup run?" in {p.question for p in probes}
+
+
+def test_the_answer_to_a_turn_the_chat_later_corrected_is_left_out_not_restated(tmp_path, tiny_dir):
+    """ "Send it every Monday." answered "Noted: Monday." and restated as Wednesday would pair the old instruction
+    with the new day; the pair is left out (the correcting turn's own answer teaches the new day)."""
+    from sleepctl.data import TAKEN_BACK, grounded_examples
+    from sleepctl.ingest import render_chat
+    from sleepctl.records import Message, Trace
+
+    turns = [
+        ("user", "Send the Harbinger newsletter every Monday."),
+        ("assistant", "Noted: Harbinger goes out on Monday."),
+        ("user", "Change of plan: send it on Wednesday instead."),
+        ("assistant", "Understood: Harbinger goes out on Wednesday."),
+    ]
+    msgs = [Message(role=r, content=c) for r, c in turns]
+    t = Trace(
+        id="m", hash="h", kind="chat", text=render_chat(msgs), messages=msgs, source="s", created_at="", updated_at=""
+    )
+    cfg, _ = load_recipe(str(write_recipe(tmp_path / "r.yaml", tiny_dir)))
+    prompts = [(t, turns[0][1]), (t, "When does Harbinger go out?")]
+    answers = [["Noted: Harbinger goes out on Monday.", "Harbinger goes out on Monday."]]
+    dropped: list = []
+    out = grounded_examples(cfg, prompts, answers, None, dropped)
+    assert [(e.prompt, e.samples) for e in out] == [
+        ("When does Harbinger go out?", ["Harbinger goes out on Wednesday."])
+    ]
+    assert dropped[0] == {"trace_id": "m", "prompt": turns[0][1], "answer": answers[0][0], "why": TAKEN_BACK + "Monday"}
