@@ -294,7 +294,9 @@ def test_dreams_that_invent_are_not_scored_kept_or_trained(home, seeded, monkeyp
     monkeypatch.setattr(d, "whole_part", lambda kind, text: text)  # a random model's dreams all run to the limit
     flagged = iter([["Odra Brennick"], []] * 100)  # every other dream written invents a name
     monkeypatch.setattr(d, "invented", lambda text, source: next(flagged))
-    monkeypatch.setattr(d, "grounded_dream", lambda kind, text, source: {})  # a tiny model's words: not judged here
+    monkeypatch.setattr(
+        d, "grounded_dream", lambda kind, text, source, taken_back=None: {}
+    )  # a tiny model's words: not judged here
     scored: list[str] = []
     score = d.dream_scores
     monkeypatch.setattr(
@@ -325,7 +327,7 @@ def test_dreams_that_invent_are_not_scored_kept_or_trained(home, seeded, monkeyp
     monkeypatch.setattr(d, "dream_scores", score)
     monkeypatch.setattr(d, "invented", lambda text, source: [])
     other = iter([{"grounded": False}, {"grounded": True}] * 100)
-    monkeypatch.setattr(d, "grounded_dream", lambda kind, text, source: next(other))
+    monkeypatch.setattr(d, "grounded_dream", lambda kind, text, source, taken_back=None: next(other))
     scored.clear()
     fresh = {"dream.grounded": True, "dream.temperature": 0.8}  # not the stopped run above, which would resume
     res = dream(str(recipe), home=home, show_progress=False, overrides=fresh)
@@ -358,19 +360,33 @@ def test_dream_keeps_only_what_its_memories_hold():
     )
     judged = grounded_dream("qa", qa, memory)
     good = [["Who is my manager?", "Your manager is Fenna Albright."]]
-    assert judged == {"invented": [], "grounded": True, "pairs": good, "pairs_dropped": 3}
+    assert judged == {"invented": [], "grounded": True, "pairs": good, "pairs_dropped": 3, "taken_back": []}
     pairs = dream_pairs({"kind": "qa", "text": qa, **judged}, t)
     assert [(x.prompt, x.answer) for x in pairs] == [tuple(good[0])]
     unchecked = dream_pairs({"kind": "qa", "text": qa}, t)  # dream.grounded off, or a run saved before the check
     assert len(unchecked) == 4
     bad = "Q: Where is room Juniper? A: Thirteen floors up.\nQ: Who? A: They"
-    assert grounded_dream("qa", bad, memory) == {"invented": ["13"], "grounded": False, "pairs": [], "pairs_dropped": 2}
-    assert grounded_dream("combine", "Yes, both were remembered.", memory) == {"invented": [], "grounded": False}
+    assert grounded_dream("qa", bad, memory) == {
+        "invented": ["13"],
+        "grounded": False,
+        "pairs": [],
+        "pairs_dropped": 2,
+        "taken_back": [],
+    }
+    assert grounded_dream("combine", "Yes, both were remembered.", memory) == {
+        "invented": [],
+        "grounded": False,
+        "taken_back": [],
+    }
     said = "Fenna Albright, my manager, holds one-on-ones in room Juniper on Thursdays at 3 pm."
-    assert grounded_dream("rephrase", said, memory) == {"invented": [], "grounded": True}
-    assert grounded_dream("qa", said, memory) == {"invented": [], "grounded": True}  # no pairs: judged whole
+    assert grounded_dream("rephrase", said, memory) == {"invented": [], "grounded": True, "taken_back": []}
+    assert grounded_dream("qa", said, memory) == {
+        "invented": [],
+        "grounded": True,
+        "taken_back": [],
+    }  # no pairs: judged whole
     follows = "Whoever reports to Fenna Albright should keep Thursday afternoons free and book Juniper early."
-    assert grounded_dream("implication", follows, memory) == {"invented": [], "grounded": True}
+    assert grounded_dream("implication", follows, memory) == {"invented": [], "grounded": True, "taken_back": []}
     assert grounded_dream("implication", "So Dana Okafor joins them.", memory)["invented"] == ["Dana Okafor"]
     whole = dream_pairs({"kind": "rephrase", "text": said, "grounded": True}, t)
     assert [x.answer for x in whole] == [said] and whole[0].prompt.startswith("What do you remember about")
@@ -475,7 +491,9 @@ def test_cut_dreams_train_up_to_their_last_whole_part(home, seeded, monkeypatch)
             return Rollouts(prompt_ids=[[] for _ in texts], completion_ids=ids, texts=texts)
 
     monkeypatch.setattr(d, "HFEngine", Scripted)
-    monkeypatch.setattr(d, "grounded_dream", lambda kind, text, source: {})  # not what this test is about
+    monkeypatch.setattr(
+        d, "grounded_dream", lambda kind, text, source, taken_back=None: {}
+    )  # not what this test is about
     monkeypatch.setattr(d, "invented", lambda text, source: [])
     seen: list[list] = []
     pairs_of = d.dream_pairs
